@@ -1,0 +1,91 @@
+"""Checkpoint directories: Hugging Face-native files, written atomically, loaded back exactly.
+
+Layout: `config.json` (resolved VLConfig), `llm/` (base LLM, loadable by AutoModelForCausalLM),
+`frontend.safetensors`, `adapters/<group>/` (PEFT adapters, if any), tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+
+from .config import VLConfig
+from .errors import ConfigError
+from .lora import clean_state_dict
+
+CONFIG_FILE = "config.json"
+FRONTEND_FILE = "frontend.safetensors"
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Yield a temp dir beside `path`; on success it replaces `path` in one rename (old copy removed after)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model(model, path, tokenizer=None) -> None:
+    """Write the whole model (and tokenizer) into `path` atomically."""
+    with atomic_dir(path) as tmp:
+        write_model_files(model, tmp, tokenizer)
+
+
+def write_model_files(model, out: Path, tokenizer=None) -> None:
+    llm = model.language_model
+    base = llm.get_base_model() if isinstance(llm, PeftModel) else llm
+    base.save_pretrained(out / "llm", state_dict=clean_state_dict(llm))
+    save_file({k: v.contiguous() for k, v in clean_state_dict(model.frontend).items()}, str(out / FRONTEND_FILE))
+    for group, module in model.lora_groups().items():
+        module.save_pretrained(str(out / "adapters" / group))
+    resolved = model.config.model_copy(deep=True)
+    resolved.llm.name_or_path, resolved.llm.config = "llm", {}
+    resolved.frontend = model.frontend.resolved_config()
+    (out / CONFIG_FILE).write_text(json.dumps(resolved.model_dump(mode="json"), indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+
+
+def load_model(path, *, device: str = "cpu"):
+    """(VLModel, tokenizer) from a checkpoint directory written by `save_model`."""
+    from transformers import AutoTokenizer
+
+    from .modeling import VLModel
+
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise ConfigError(f"{path} is not a vlbridge checkpoint (no {CONFIG_FILE}); pass a run or checkpoint dir")
+    config = VLConfig.model_validate_json((path / CONFIG_FILE).read_text())
+    if config.llm.name_or_path and not Path(config.llm.name_or_path).is_absolute():
+        local = path / config.llm.name_or_path
+        if local.exists():
+            config.llm.name_or_path = str(local)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = VLModel.from_config(config, tokenizer, device=device, load_weights=False)
+    state = load_file(str(path / FRONTEND_FILE), device=str(device))
+    model.frontend.load_state_dict(state, strict=True)
+    adapters = path / "adapters"
+    for group_dir in sorted(adapters.iterdir()) if adapters.is_dir() else []:
+        module = model.get_group(group_dir.name)
+        model.set_group(group_dir.name, PeftModel.from_pretrained(module, str(group_dir), is_trainable=False))
+    model.eval()
+    return model.to(device), tokenizer

@@ -1,0 +1,109 @@
+"""Typed model configuration: the single source of truth that recipes and checkpoints instantiate.
+
+`VLConfig` describes a whole vision-language model (LLM, front-end, reducers). Sections whose
+`type` names a registered component are validated by that component's own config class, so an
+unknown key anywhere is an error that names it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny
+
+from .registry import FRONTENDS, REDUCERS, Registry
+
+
+class Strict(BaseModel):
+    """Base of every config: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class Typed(Strict):
+    """A config section whose `type` selects a registered component."""
+
+    type: str
+
+
+def _dispatch(registry: Registry[Any], base: type[Typed]):
+    def validate(value: Any) -> Any:
+        if isinstance(value, str):
+            value = {"type": value}
+        if isinstance(value, Typed):
+            value = value.model_dump()
+        if isinstance(value, dict) and isinstance(value.get("type"), str):
+            cls = registry.config_class(value["type"]) or base
+            return cls.model_validate(value)
+        return value
+
+    return BeforeValidator(validate)
+
+
+class LLMConfig(Strict):
+    """Which causal LLM to wrap: a hub id / local path, or a transformers config built from scratch."""
+
+    name_or_path: str | None = None
+    model_type: str = "llama"
+    config: dict[str, Any] = Field(default_factory=dict)
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class VisionTowerConfig(Strict):
+    """A transformers vision backbone (CLIP, SigLIP, ConvNeXt, ResNet, ...), pretrained or from config."""
+
+    name_or_path: str | None = None
+    model_type: str = "clip_vision_model"
+    config: dict[str, Any] = Field(default_factory=dict)
+    feature_layer: int = -2
+    feature_select: Literal["patch", "cls_patch"] = "patch"
+
+
+class ConnectorConfig(Strict):
+    """Maps vision features to the LLM width; `merge=2` concatenates 2x2 neighbours first (4x fewer tokens)."""
+
+    type: str = "mlp2x_gelu"
+    merge: int = Field(default=1, ge=1)
+
+
+class ImageConfig(Strict):
+    """How a PIL image becomes pixels: square resize (or pad to square first) and normalisation."""
+
+    size: int | None = None
+    resize: Literal["squash", "pad"] = "squash"
+    resample: Literal["bilinear", "bicubic", "nearest"] = "bicubic"
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+
+class FrontendConfig(Typed):
+    """Base of every front-end config (how images reach the LLM)."""
+
+    type: str = "llava"
+
+
+class ReducerConfig(Typed):
+    """Base of every token-reducer config (how many visual tokens the model pays for)."""
+
+
+class TokenizerConfig(Strict):
+    """A pretrained tokenizer, or a byte-level BPE trained on the recipe's text (from-scratch recipes)."""
+
+    name_or_path: str | None = None
+    train_vocab_size: int | None = Field(default=None, ge=64)
+    chat_template: str | None = None
+
+
+class VLConfig(Strict):
+    """A whole vision-language model: saved as `config.json` in every checkpoint."""
+
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    frontend: Annotated[SerializeAsAny[FrontendConfig], _dispatch(FRONTENDS, FrontendConfig)] = Field(
+        default={"type": "llava"}, validate_default=True
+    )
+    reducers: list[Annotated[SerializeAsAny[ReducerConfig], _dispatch(REDUCERS, ReducerConfig)]] = Field(
+        default_factory=list
+    )
+    image_token: str = "<image>"
+    max_length: int = Field(default=2048, ge=8)

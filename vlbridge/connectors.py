@@ -1,0 +1,47 @@
+"""Connectors (projectors) from vision features to the LLM's embedding width."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ConnectorConfig
+from .errors import ConfigError
+from .registry import CONNECTORS
+
+
+@CONNECTORS.register("linear")
+def _linear(in_dim: int, out_dim: int) -> nn.Module:
+    return nn.Linear(in_dim, out_dim)
+
+
+@CONNECTORS.register("mlp2x_gelu")
+def _mlp2x_gelu(in_dim: int, out_dim: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+
+def merge_neighbours(features: torch.Tensor, grid: tuple[int, int], k: int) -> torch.Tensor:
+    """Concatenate each k x k block of the grid along channels: [B, h*w, C] -> [B, h*w/k², k²C]."""
+    b, n, c = features.shape
+    h, w = grid
+    if h * w != n or h % k or w % k:
+        raise ConfigError(
+            f"connector.merge={k} needs a {k}x{k}-divisible patch grid without extra tokens; "
+            f"got {n} tokens on a {h}x{w} grid (change merge, the image size or feature_select)"
+        )
+    x = features.view(b, h // k, k, w // k, k, c).permute(0, 1, 3, 2, 4, 5)  # [B, h/k, w/k, k, k, C]
+    return x.reshape(b, (h // k) * (w // k), k * k * c)
+
+
+class Connector(nn.Module):
+    """Optional k x k token merging followed by the registered projection."""
+
+    def __init__(self, cfg: ConnectorConfig, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.merge = cfg.merge
+        self.proj = CONNECTORS.get(cfg.type)(in_dim * cfg.merge**2, out_dim)
+
+    def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        if self.merge > 1:
+            features = merge_neighbours(features, grid, self.merge)
+        return self.proj(features)  # [B, N', D]

@@ -1,0 +1,1 @@
+"""Data: sample formats, the synthetic shapes dataset, batching."""

@@ -1,0 +1,88 @@
+"""The front-end interface: everything a VLModel needs to know about how images reach the LLM."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from ..config import FrontendConfig
+from ..errors import DataError
+from ..image_processing import ImageProcessor
+
+
+class Frontend(nn.Module, ABC):
+    """Turns images into something the LLM consumes.
+
+    Early-fusion front-ends splice embeddings into `inputs_embeds` at placeholder tokens; the
+    default `embed` does that with one `masked_scatter` after a strict count check.
+    """
+
+    image_token: str = "<image>"
+
+    def __init__(self, config: FrontendConfig, text_config: PretrainedConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.text_hidden_size = text_config.hidden_size
+        self.image_token_id: int | None = None
+
+    # -- processing side -------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def image_processor(self) -> ImageProcessor:
+        """PIL -> pixel tensor for one image."""
+
+    @abstractmethod
+    def num_image_tokens(self, pixels: torch.Tensor) -> int:
+        """How many placeholder tokens one processed image occupies in the LLM sequence."""
+
+    @classmethod
+    def tokens_for(cls, config: FrontendConfig) -> list[str]:
+        """Special tokens this front-end needs in the vocabulary (known before the model is built)."""
+        return [cls.image_token]
+
+    def special_tokens(self) -> list[str]:
+        return type(self).tokens_for(self.config)
+
+    def bind_tokenizer(self, tokenizer) -> None:
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+
+    def placeholder(self, pixels: torch.Tensor) -> str:
+        """The text that stands for one processed image after `<image>` expansion."""
+        return self.image_token * self.num_image_tokens(pixels)
+
+    def collate(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(pixels)
+
+    # -- model side ------------------------------------------------------------------------
+    @abstractmethod
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images -> LLM-width embeddings [N_img, T_img, D]."""
+
+    def group_paths(self) -> dict[str, str]:
+        """Named parts a training stage can freeze, LoRA-wrap or train fully -> attribute path."""
+        return {}
+
+    def resolved_config(self) -> FrontendConfig:
+        """This front-end's config with every pretrained reference replaced by what a checkpoint holds."""
+        return self.config
+
+    def embed(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, pixel_values) -> torch.Tensor:
+        """Splice image embeddings into the placeholder positions of `inputs_embeds` [B, T, D]."""
+        mask = input_ids == self.image_token_id  # [B, T]
+        n_slots = int(mask.sum())
+        if pixel_values is None or len(pixel_values) == 0:
+            if n_slots:
+                raise DataError(f"the batch has {n_slots} image placeholder tokens but no images")
+            return inputs_embeds
+        features = self.encode(pixel_values).to(inputs_embeds.dtype)  # [N_img, T_img, D]
+        if n_slots != features.shape[0] * features.shape[1]:
+            raise DataError(
+                f"image placeholder count mismatch: {n_slots} {self.image_token!r} tokens in input_ids but "
+                f"{features.shape[0]} images x {features.shape[1]} tokens = {features.shape[0] * features.shape[1]} "
+                "features; build inputs with VLProcessor so each <image> expands to the front-end's token "
+                "count, and do not truncate inside an image"
+            )
+        return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features.reshape(-1, features.shape[-1]))

@@ -1,0 +1,81 @@
+"""LLaVA-style front-end: vision tower -> feature layer -> connector -> spliced at `<image>` tokens."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from transformers import PretrainedConfig
+
+from ..config import ConnectorConfig, FrontendConfig, ImageConfig, VisionTowerConfig
+from ..connectors import Connector
+from ..errors import ConfigError
+from ..image_processing import ImageProcessor
+from ..registry import FRONTENDS
+from ..vision_towers import VisionTower
+from .base import Frontend
+
+
+class LlavaConfig(FrontendConfig):
+    type: str = "llava"
+    vision: VisionTowerConfig = Field(default_factory=VisionTowerConfig)
+    connector: ConnectorConfig = Field(default_factory=ConnectorConfig)
+    image: ImageConfig = Field(default_factory=ImageConfig)
+
+
+@FRONTENDS.register("llava", config=LlavaConfig)
+class LlavaFrontend(Frontend):
+    """The baseline: a transformers vision backbone and a projector (linear or 2-layer GELU MLP)."""
+
+    config: LlavaConfig
+
+    def __init__(self, config: LlavaConfig, text_config: PretrainedConfig, *, load_weights: bool = True):
+        super().__init__(config, text_config)
+        self.vision_tower = VisionTower(config.vision, load_weights=load_weights)
+        size = config.image.size or self.vision_tower.native_image_size
+        if size is None:
+            raise ConfigError(
+                f"frontend.image.size is required for a {self.vision_tower.hf_config.model_type} tower "
+                "(its config has no image_size)"
+            )
+        family = self.vision_tower.family
+        self._processor = ImageProcessor(
+            size=size,
+            mean=config.image.mean or family.mean,
+            std=config.image.std or family.std,
+            resize=config.image.resize,
+            resample=config.image.resample,
+        )
+        channels, self._grid = self._probe_tower(size)
+        self.connector = Connector(config.connector, channels, self.text_hidden_size)
+
+    @torch.no_grad()
+    def _probe_tower(self, size: int) -> tuple[int, tuple[int, int]]:
+        """Feature width and grid of the tower at the configured resolution (one dummy forward)."""
+        was_training = self.vision_tower.training
+        self.vision_tower.eval()
+        features, grid = self.vision_tower(torch.zeros(1, 3, size, size))
+        self.vision_tower.train(was_training)
+        self._tokens_per_image = features.shape[1] // self.config.connector.merge**2
+        return features.shape[-1], grid
+
+    @property
+    def image_processor(self) -> ImageProcessor:
+        return self._processor
+
+    def num_image_tokens(self, pixels: torch.Tensor | None = None) -> int:
+        return self._tokens_per_image
+
+    def group_paths(self) -> dict[str, str]:
+        return {"vision_tower": "vision_tower.model", "connector": "connector"}
+
+    def resolved_config(self) -> LlavaConfig:
+        resolved = self.config.model_copy(deep=True)
+        resolved.vision = self.vision_tower.resolved_config()
+        resolved.image.size = self.image_processor.size
+        resolved.image.mean, resolved.image.std = self.image_processor.mean, self.image_processor.std
+        return resolved
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.vision_tower.parameters()).dtype
+        features, grid = self.vision_tower(pixel_values.to(dtype))  # [N_img, N, C]
+        return self.connector(features, grid)  # [N_img, T_img, D]

@@ -1,0 +1,44 @@
+"""LoRA on any named part of a VLModel through PEFT, and the clean (adapter-free) view of its weights."""
+
+from __future__ import annotations
+
+import re
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from .errors import ConfigError
+
+_PEFT_PREFIX = re.compile(r"base_model\.model\.")
+
+
+def lora_config(r: int, alpha: float, dropout: float, target_modules) -> LoraConfig:
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none")
+
+
+def wrap(module: nn.Module, config: LoraConfig, group: str) -> PeftModel:
+    """PEFT-wrap one module group; an empty target match is a config error, not a silent no-op."""
+    if isinstance(module, PeftModel):
+        return module
+    try:
+        return get_peft_model(module, config)
+    except ValueError as err:
+        raise ConfigError(
+            f"LoRA on {group!r}: target_modules={config.target_modules!r} matched nothing ({err}); "
+            "set train.lora.target_modules to names of nn.Linear layers in that module, or 'all-linear'"
+        ) from err
+
+
+def clean_state_dict(module: nn.Module) -> dict:
+    """State dict with every LoRA parameter dropped and PEFT's renaming undone (base weights only)."""
+    clean = {}
+    for key, value in module.state_dict().items():
+        if "lora_" in key:
+            continue
+        clean[_PEFT_PREFIX.sub("", key, count=1).replace(".base_layer.", ".")] = value
+    return clean
+
+
+def merge(module: nn.Module) -> nn.Module:
+    """Fold LoRA into the base weights and return the plain module."""
+    return module.merge_and_unload() if isinstance(module, PeftModel) else module

@@ -1,0 +1,124 @@
+"""VLModel: an unmodified Hugging Face causal LLM plus a front-end (and, later, reducers).
+
+`forward` splices image embeddings into `inputs_embeds` and calls the LLM with labels;
+`generate` does the same for the prompt and then decodes with the LLM's ordinary KV cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import PeftModel
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .config import VLConfig
+from .errors import ConfigError
+from .families import choose_attention, choose_dtype
+from .frontends.base import Frontend
+from .registry import FRONTENDS
+
+
+def text_config_of(llm: PreTrainedModel):
+    return llm.config.get_text_config()
+
+
+def build_llm(config: VLConfig, tokenizer, device: str = "cpu") -> PreTrainedModel:
+    """The causal LM: pretrained (name/path) or from a config dict sized to the tokenizer."""
+    cfg = config.llm
+    kwargs = {"attn_implementation": choose_attention(cfg.attn_implementation, device)}
+    dtype = choose_dtype(cfg.dtype, device)
+    if cfg.name_or_path is not None:
+        llm = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, **kwargs, **cfg.config)
+    else:
+        hf_config = AutoConfig.for_model(cfg.model_type, **cfg.config)
+        hf_config.vocab_size = len(tokenizer)
+        for name in ("bos", "eos", "pad"):
+            setattr(hf_config, f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
+        llm = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, **kwargs)
+    if llm.get_input_embeddings().num_embeddings < len(tokenizer):
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return llm
+
+
+class VLModel(nn.Module):
+    """language_model (any AutoModelForCausalLM, possibly PEFT-wrapped) + frontend."""
+
+    def __init__(self, config: VLConfig, language_model: PreTrainedModel, frontend: Frontend) -> None:
+        super().__init__()
+        self.config = config
+        self.language_model = language_model
+        self.frontend = frontend
+
+    @classmethod
+    def from_config(cls, config: VLConfig, tokenizer, *, device: str = "cpu", load_weights: bool = True):
+        """Build a fresh model; the tokenizer must already hold the front-end's special tokens."""
+        llm = build_llm(config, tokenizer, device)
+        frontend_cls = FRONTENDS.get(config.frontend.type)
+        frontend = frontend_cls(config.frontend, text_config_of(llm), load_weights=load_weights)
+        frontend.bind_tokenizer(tokenizer)
+        dtype = llm.get_input_embeddings().weight.dtype
+        return cls(config, llm, frontend.to(dtype)).to(device)
+
+    @classmethod
+    def from_pretrained(cls, path, *, device: str = "cpu"):
+        from .checkpoint import load_model
+
+        return load_model(path, device=device)[0]
+
+    def save_pretrained(self, path, tokenizer=None) -> None:
+        from .checkpoint import save_model
+
+        save_model(self, path, tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.get_input_embeddings().weight.device
+
+    def group_paths(self) -> dict[str, str]:
+        """Named parts a training stage can freeze, LoRA-wrap or train fully -> attribute path."""
+        return {"llm": "language_model", **{k: f"frontend.{v}" for k, v in self.frontend.group_paths().items()}}
+
+    def get_group(self, name: str) -> nn.Module:
+        return self.get_submodule(self._group_path(name))
+
+    def set_group(self, name: str, module: nn.Module) -> None:
+        parent, _, attr = self._group_path(name).rpartition(".")
+        setattr(self.get_submodule(parent) if parent else self, attr, module)
+
+    def _group_path(self, name: str) -> str:
+        paths = self.group_paths()
+        if name not in paths:
+            raise ConfigError(f"unknown module group {name!r}; this model has: {', '.join(paths)}")
+        return paths[name]
+
+    def lora_groups(self) -> dict[str, PeftModel]:
+        return {name: m for name in self.group_paths() if isinstance(m := self.get_group(name), PeftModel)}
+
+    def embed(self, input_ids: torch.Tensor, pixel_values=None) -> torch.Tensor:
+        """Token embeddings with image features spliced in: [B, T, D]."""
+        inputs_embeds = self.language_model.get_input_embeddings()(input_ids)
+        return self.frontend.embed(input_ids, inputs_embeds, pixel_values)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values=None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        inputs_embeds = self.embed(input_ids, pixel_values)
+        return self.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
+        )
+
+    @torch.no_grad()
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, pixel_values=None, **kwargs
+    ) -> torch.Tensor:
+        """New tokens only, [B, T_new]. Prompts must be left-padded (VLProcessor does that)."""
+        inputs_embeds = self.embed(input_ids, pixel_values)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)

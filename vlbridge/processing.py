@@ -1,0 +1,172 @@
+"""VLProcessor: chat messages + images -> token ids, labels and pixels, for any tokenizer/chat template.
+
+Labels come from character spans: the conversation is rendered once with the tokenizer's own chat
+template, assistant replies are located by rendering growing prefixes, and the tokens whose
+offsets fall inside those spans are the only supervised ones. One function serves every template.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from .errors import DataError
+from .frontends.base import Frontend
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Encoded:
+    """One tokenized conversation, not yet padded."""
+
+    input_ids: list[int]
+    labels: list[int]
+    pixel_values: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class DropCounter:
+    """Samples removed by truncation rules, by reason; reported at the end of data preparation."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, reason: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+class VLProcessor:
+    """Tokenizer + the front-end's image transform and placeholder expansion."""
+
+    def __init__(self, tokenizer, frontend: Frontend, *, image_token: str = "<image>", max_length: int = 2048):
+        self.tokenizer = tokenizer
+        self.frontend = frontend
+        self.image_token = image_token
+        self.max_length = max_length
+
+    # -- text ------------------------------------------------------------------------------
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def assistant_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """Render the conversation; return it with the [start, end) character spans of assistant replies."""
+        full = self.render(messages)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prefix = self.render(messages[:i], add_generation_prompt=True)
+            upto = self.render(messages[: i + 1])
+            if not (full.startswith(prefix) and full.startswith(upto)):
+                raise DataError(
+                    "the chat template is not prefix-stable (rendering the first turns is not a prefix of the "
+                    "whole conversation), so assistant tokens cannot be located; use a template without "
+                    "history rewriting"
+                )
+            end = len(upto.rstrip())
+            spans.append((len(prefix), end))
+        return full, spans
+
+    # -- samples ---------------------------------------------------------------------------
+    def encode(
+        self,
+        messages: list[dict],
+        images: list[Image.Image] | None = None,
+        *,
+        add_generation_prompt: bool = False,
+        sample_id: str = "?",
+    ) -> Encoded:
+        """Tokenize one conversation with `<image>` expanded; labels only on assistant replies."""
+        images = images or []
+        if add_generation_prompt:
+            text, spans = self.render(messages, add_generation_prompt=True), []
+        else:
+            text, spans = self.assistant_spans(messages)
+        n_marks = text.count(self.image_token)
+        if n_marks != len(images):
+            raise DataError(
+                f"sample {sample_id}: {n_marks} {self.image_token!r} markers in the messages but {len(images)} "
+                "images; put one marker per image in the user text"
+            )
+        pixels = [self.frontend.image_processor(image) for image in images]
+        text, spans = self._expand(text, spans, pixels)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        labels = [
+            tok if any(s < end and e > start for start, end in spans) else IGNORE_INDEX
+            for tok, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+        ]
+        return Encoded(list(enc["input_ids"]), labels, pixels)
+
+    def _expand(self, text: str, spans: list[tuple[int, int]], pixels: list[torch.Tensor]):
+        """Replace each `<image>` by the front-end's placeholder text, shifting assistant spans to match."""
+        mark = self.image_token
+        positions, cursor = [], 0
+        for _ in pixels:
+            positions.append(text.index(mark, cursor))
+            cursor = positions[-1] + len(mark)
+        replacements = [self.frontend.placeholder(px) for px in pixels]
+        deltas = [len(r) - len(mark) for r in replacements]
+
+        def shift(b: int) -> int:
+            return b + sum(d for at, d in zip(positions, deltas, strict=True) if at < b)
+
+        pieces, cursor = [], 0
+        for at, replacement in zip(positions, replacements, strict=True):
+            pieces += [text[cursor:at], replacement]
+            cursor = at + len(mark)
+        pieces.append(text[cursor:])
+        return "".join(pieces), [(shift(s), shift(e)) for s, e in spans]
+
+    def truncate(self, sample: Encoded, drops: DropCounter | None = None) -> Encoded | None:
+        """Cut to max_length, or drop (and count) the sample when that would cut an image or every answer."""
+        if len(sample.input_ids) <= self.max_length:
+            return sample
+        image_ids = set(self.image_ids())
+        if any(t in image_ids for t in sample.input_ids[self.max_length :]):
+            reason = "image_truncated"
+        elif all(t == IGNORE_INDEX for t in sample.labels[: self.max_length]):
+            reason = "no_answer_left"
+        else:
+            return Encoded(sample.input_ids[: self.max_length], sample.labels[: self.max_length], sample.pixel_values)
+        if drops is not None:
+            drops.add(reason)
+        return None
+
+    def image_ids(self) -> list[int]:
+        return [self.tokenizer.convert_tokens_to_ids(t) for t in self.frontend.special_tokens()]
+
+    # -- inference ---------------------------------------------------------------------------
+    def __call__(self, conversations: list[list[dict]], images: list[list[Image.Image]] | None = None) -> dict:
+        """Prompts for generation: left-padded ids, attention mask and pixels (batch of conversations)."""
+        images = images or [[] for _ in conversations]
+        encoded = [
+            self.encode(m, imgs, add_generation_prompt=True, sample_id=str(i))
+            for i, (m, imgs) in enumerate(zip(conversations, images, strict=True))
+        ]
+        return pad_batch(encoded, self.tokenizer.pad_token_id, self.frontend, side="left")
+
+
+def pad_batch(samples: list[Encoded], pad_id: int, frontend: Frontend, side: str = "right") -> dict:
+    """Pad to the longest sample; labels padded with IGNORE_INDEX; pixels collated by the front-end."""
+    width = max(len(s.input_ids) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, s in enumerate(samples):
+        n = len(s.input_ids)
+        cols = slice(width - n, width) if side == "left" else slice(0, n)
+        ids[row, cols] = torch.tensor(s.input_ids)
+        labels[row, cols] = torch.tensor(s.labels)
+        mask[row, cols] = 1
+    pixels = [p for s in samples for p in s.pixel_values]
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch["pixel_values"] = frontend.collate(pixels) if pixels else None
+    return batch
