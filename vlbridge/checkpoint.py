@@ -89,3 +89,16 @@ def load_model(path, *, device: str = "cpu"):
         model.set_group(group_dir.name, PeftModel.from_pretrained(module, str(group_dir), is_trainable=False))
     model.eval()
     return model.to(device), tokenizer
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint dir itself, a run dir's final `model/`, or else the run's latest training checkpoint."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return path
+    if (path / "model" / CONFIG_FILE).is_file():
+        return path / "model"
+    found = sorted((path / "checkpoints").glob(f"step-*/{CONFIG_FILE}"))
+    if found:
+        return found[-1].parent
+    raise ConfigError(f"no vlbridge model under {path}: expected {CONFIG_FILE}, model/ or checkpoints/step-*/")

@@ -26,7 +26,7 @@ class Typed(Strict):
     type: str
 
 
-def _dispatch(registry: Registry[Any], base: type[Typed]):
+def dispatch_on_type(registry: Registry[Any], base: type[Typed]):
     def validate(value: Any) -> Any:
         if isinstance(value, str):
             value = {"type": value}
@@ -99,10 +99,10 @@ class VLConfig(Strict):
     """A whole vision-language model: saved as `config.json` in every checkpoint."""
 
     llm: LLMConfig = Field(default_factory=LLMConfig)
-    frontend: Annotated[SerializeAsAny[FrontendConfig], _dispatch(FRONTENDS, FrontendConfig)] = Field(
+    frontend: Annotated[SerializeAsAny[FrontendConfig], dispatch_on_type(FRONTENDS, FrontendConfig)] = Field(
         default={"type": "llava"}, validate_default=True
     )
-    reducers: list[Annotated[SerializeAsAny[ReducerConfig], _dispatch(REDUCERS, ReducerConfig)]] = Field(
+    reducers: list[Annotated[SerializeAsAny[ReducerConfig], dispatch_on_type(REDUCERS, ReducerConfig)]] = Field(
         default_factory=list
     )
     image_token: str = "<image>"

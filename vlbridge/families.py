@@ -49,8 +49,9 @@ def flash_attn_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
-def choose_attention(requested: str, device: torch.device | str) -> str:
-    """flash-attention 2 when installed on CUDA, SDPA otherwise (unless the recipe names one)."""
+def choose_attention(requested: str, device: torch.device | str) -> str | None:
+    """flash-attention 2 when installed on CUDA, else None: transformers' default (SDPA where the
+    architecture supports it, eager otherwise, e.g. Gemma-2), unless the recipe names one."""
     if requested == "flash_attention_2" and not flash_attn_available():
         raise ConfigError(
             "llm.attn_implementation='flash_attention_2' needs CUDA and the flash-attn package "
@@ -58,7 +59,7 @@ def choose_attention(requested: str, device: torch.device | str) -> str:
         )
     if requested != "auto":
         return requested
-    return "flash_attention_2" if torch.device(device).type == "cuda" and flash_attn_available() else "sdpa"
+    return "flash_attention_2" if torch.device(device).type == "cuda" and flash_attn_available() else None
 
 
 def choose_dtype(requested: str, device: torch.device | str) -> torch.dtype:

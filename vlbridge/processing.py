@@ -44,7 +44,9 @@ class DropCounter:
 class VLProcessor:
     """Tokenizer + the front-end's image transform and placeholder expansion."""
 
-    def __init__(self, tokenizer, frontend: Frontend, *, image_token: str = "<image>", max_length: int = 2048):
+    def __init__(
+        self, tokenizer, frontend: Frontend, *, image_token: str = "<image>", max_length: int = 2048
+    ) -> None:
         self.tokenizer = tokenizer
         self.frontend = frontend
         self.image_token = image_token
@@ -67,8 +69,8 @@ class VLProcessor:
             upto = self.render(messages[: i + 1])
             if not (full.startswith(prefix) and full.startswith(upto)):
                 raise DataError(
-                    "the chat template is not prefix-stable (rendering the first turns is not a prefix of the "
-                    "whole conversation), so assistant tokens cannot be located; use a template without "
+                    "the chat template is not prefix-stable (rendering the first turns is not a prefix of "
+                    "the whole conversation), so assistant tokens cannot be located; use a template without "
                     "history rewriting"
                 )
             end = len(upto.rstrip())
@@ -93,8 +95,8 @@ class VLProcessor:
         n_marks = text.count(self.image_token)
         if n_marks != len(images):
             raise DataError(
-                f"sample {sample_id}: {n_marks} {self.image_token!r} markers in the messages but {len(images)} "
-                "images; put one marker per image in the user text"
+                f"sample {sample_id}: {n_marks} {self.image_token!r} markers in the messages but "
+                f"{len(images)} images; put one marker per image in the user text"
             )
         pixels = [self.frontend.image_processor(image) for image in images]
         text, spans = self._expand(text, spans, pixels)
@@ -135,7 +137,8 @@ class VLProcessor:
         elif all(t == IGNORE_INDEX for t in sample.labels[: self.max_length]):
             reason = "no_answer_left"
         else:
-            return Encoded(sample.input_ids[: self.max_length], sample.labels[: self.max_length], sample.pixel_values)
+            keep = self.max_length
+            return Encoded(sample.input_ids[:keep], sample.labels[:keep], sample.pixel_values)
         if drops is not None:
             drops.add(reason)
         return None
@@ -144,7 +147,9 @@ class VLProcessor:
         return [self.tokenizer.convert_tokens_to_ids(t) for t in self.frontend.special_tokens()]
 
     # -- inference ---------------------------------------------------------------------------
-    def __call__(self, conversations: list[list[dict]], images: list[list[Image.Image]] | None = None) -> dict:
+    def __call__(
+        self, conversations: list[list[dict]], images: list[list[Image.Image]] | None = None
+    ) -> dict:
         """Prompts for generation: left-padded ids, attention mask and pixels (batch of conversations)."""
         images = images or [[] for _ in conversations]
         encoded = [

@@ -57,7 +57,9 @@ def load_tokenizer(cfg: TokenizerConfig, texts: Iterable[str] | None = None):
         tokenizer.chat_template = cfg.chat_template
     if tokenizer.chat_template is None:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-        tokenizer.add_special_tokens({"additional_special_tokens": [EOS, *ROLE_TOKENS]})
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": [EOS, *ROLE_TOKENS]}, replace_extra_special_tokens=False
+        )
         tokenizer.eos_token = tokenizer.eos_token or EOS
     return tokenizer
 
@@ -66,7 +68,9 @@ def add_frontend_tokens(tokenizer, tokens: list[str]):
     """Register the front-end's placeholder tokens as special (never split, never merged)."""
     missing = [t for t in tokens if t not in tokenizer.get_vocab()]
     if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": missing}, replace_extra_special_tokens=False
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

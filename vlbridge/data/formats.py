@@ -21,7 +21,9 @@ from ..errors import DataError
 from ..registry import DATA_FORMATS
 
 IMAGE_TOKEN = "<image>"
-_LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+_LLAVA_ROLES = {
+    "human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"
+}
 
 
 class DataSourceConfig(Typed):
@@ -41,6 +43,8 @@ def load_image(ref: Any, sample_id: str = "?") -> Image.Image:
             ref = base64.b64decode(ref.split(",", 1)[1], validate=True)
         except (IndexError, ValueError) as err:
             raise DataError(f"sample {sample_id}: invalid base64 data URL for an image") from err
+    if not isinstance(ref, (str, bytes, Path)):
+        raise DataError(f"sample {sample_id}: no usable image reference (got {type(ref).__name__})")
     where = "inline bytes" if isinstance(ref, bytes) else str(ref)
     try:
         source = io.BytesIO(ref) if isinstance(ref, bytes) else ref
@@ -69,7 +73,9 @@ def _content_to_text(content: Any, images: list, sample_id: str) -> str:
                 images.append(url)
             pieces.append(IMAGE_TOKEN)
         else:
-            raise DataError(f"sample {sample_id}: unknown content part type {kind!r} (use 'text' or 'image_url')")
+            raise DataError(
+                f"sample {sample_id}: unknown content part type {kind!r} (use 'text' or 'image_url')"
+            )
     return "\n".join(pieces)
 
 
@@ -84,6 +90,12 @@ def normalise_messages(messages: list[dict], sample_id: str) -> tuple[list[dict]
         text = _content_to_text(m.get("content", m.get("value")), images, sample_id)
         out.append({"role": role, "content": text})
     return out, images
+
+
+def _field(row: dict, key: str, sample_id: str) -> Any:
+    if key not in row:
+        raise DataError(f"sample {sample_id}: record has no {key!r} field; it has {', '.join(row) or 'none'}")
+    return row[key]
 
 
 def _resolve(path: str, folder: Path) -> str:
@@ -109,12 +121,20 @@ def _read_json_records(path: Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     text = path.read_text()
-    try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from err
+    jsonl = path.suffix == ".jsonl"
+    # (first line number, text) of each JSON document: every non-empty line of a JSONL file, else the file
+    chunks = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
+    chunks = chunks if jsonl else [(1, text)]
+    records: Any = []
+    for first_line, chunk in chunks:
+        try:
+            records.append(json.loads(chunk))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: invalid JSON at line {first_line + err.lineno - 1}: {err.msg}") from err
+    records = records if jsonl else records[0]
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise DataError(f"{path}: expected a list of records (JSON objects), one per sample")
+    return records
 
 
 class LlavaJsonConfig(DataSourceConfig):
@@ -131,7 +151,7 @@ def llava_json(cfg: LlavaJsonConfig) -> Sequence[dict]:
 
     def convert(row: dict, index: int) -> dict:
         sample_id = str(row.get("id", index))
-        messages, _ = normalise_messages(row["conversations"], sample_id)
+        messages, _ = normalise_messages(_field(row, "conversations", sample_id), sample_id)
         image = row.get("image")
         paths = [] if image is None else [image] if isinstance(image, str) else list(image)
         return {"id": sample_id, "images": [_resolve(p, folder) for p in paths], "messages": messages}
@@ -153,7 +173,7 @@ def messages_json(cfg: MessagesConfig) -> Sequence[dict]:
 
     def convert(row: dict, index: int) -> dict:
         sample_id = str(row.get("id", index))
-        messages, inline = normalise_messages(row["messages"], sample_id)
+        messages, inline = normalise_messages(_field(row, "messages", sample_id), sample_id)
         images = [_resolve(p, folder) for p in (row.get("images") or inline)]
         return {"id": sample_id, "images": images, "messages": messages}
 

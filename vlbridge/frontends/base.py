@@ -75,7 +75,10 @@ class Frontend(nn.Module, ABC):
         n_slots = int(mask.sum())
         if pixel_values is None or len(pixel_values) == 0:
             if n_slots:
-                raise DataError(f"the batch has {n_slots} image placeholder tokens but no images")
+                raise DataError(
+                    f"the batch has {n_slots} image placeholder tokens but no images; pass the pixel_values "
+                    "that VLProcessor returns with the input_ids, or remove the placeholders"
+                )
             return inputs_embeds
         features = self.encode(pixel_values).to(inputs_embeds.dtype)  # [N_img, T_img, D]
         if n_slots != features.shape[0] * features.shape[1]:

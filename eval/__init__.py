@@ -1,0 +1,1 @@
+"""Evaluation (installed as `vlbridge.eval`): VQA scoring today; benchmark suites build on it."""

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible chat server (installed as `vlbridge.serve`)."""

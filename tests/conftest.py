@@ -1,0 +1,38 @@
+"""Test-wide setup: fully offline Hugging Face libraries, a throwaway HF cache, two CPU threads.
+
+The environment variables are set at import time, before any test module imports transformers or
+datasets, because those libraries read them once on import.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="vlbridge-test-hf-home-")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def solid_image(color: tuple[int, int, int], size: tuple[int, int] = (32, 32)) -> Image.Image:
+    """A one-colour RGB image with a contrasting square, so resizing keeps some structure."""
+    image = Image.new("RGB", size, color)
+    image.paste(tuple(255 - c for c in color), (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2))
+    return image
+
+
+@pytest.fixture
+def red_image() -> Image.Image:
+    return solid_image((230, 40, 40))
+
+
+@pytest.fixture
+def blue_image() -> Image.Image:
+    return solid_image((50, 100, 245), size=(48, 40))

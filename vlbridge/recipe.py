@@ -1,0 +1,149 @@
+"""Recipes: YAML instances of the typed configs below, with `key.sub=value` command-line overrides.
+
+Everything a run needs (model, tokenizer, data, training stages, evaluation) is validated here, at
+the edge; errors name the key and the value seen. The resolved recipe is saved in every run dir.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, SerializeAsAny, ValidationError, field_validator
+
+from .config import Strict, TokenizerConfig, VLConfig, dispatch_on_type
+from .data.formats import DataSourceConfig
+from .errors import ConfigError
+from .registry import DATA_FORMATS
+
+DataSource = Annotated[SerializeAsAny[DataSourceConfig], dispatch_on_type(DATA_FORMATS, DataSourceConfig)]
+Mode = Literal["frozen", "lora", "full"]
+
+
+class LoRASettings(Strict):
+    r: int = Field(default=16, ge=1)
+    alpha: float = 32.0
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | str = "all-linear"
+
+
+class StageConfig(Strict):
+    """One training stage: what each module group does (frozen | lora | full) and its optimisation."""
+
+    name: str
+    modules: dict[str, Mode]
+    steps: int = Field(ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    module_lr: dict[str, float] = Field(default_factory=dict)
+    batch_size: int = Field(default=16, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    warmup_steps: int = Field(default=0, ge=0)
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    data: DataSource | None = None
+
+
+class TrainConfig(Strict):
+    stages: list[StageConfig] = Field(min_length=1)
+    lora: LoRASettings = Field(default_factory=LoRASettings)
+    save_every: int = Field(default=0, ge=0)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    log_every: int = Field(default=10, ge=1)
+    tensorboard: bool = False
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+
+    @field_validator("stages")
+    @classmethod
+    def _unique_names(cls, stages: list[StageConfig]) -> list[StageConfig]:
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        return stages
+
+
+class DataConfig(Strict):
+    train: DataSource
+    eval: DataSource | None = None
+
+
+class EvalConfig(Strict):
+    batch_size: int = Field(default=64, ge=1)
+    max_new_tokens: int = Field(default=16, ge=1)
+    examples: int = Field(default=1, ge=0)
+
+
+class Recipe(Strict):
+    """A whole run: `vlbridge train recipe.yaml key.sub=value ...`."""
+
+    name: str
+    output_dir: str | None = None
+    seed: int = 0
+    model: VLConfig
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig
+    train: TrainConfig
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name}")
+
+
+def apply_override(tree: dict, dotted: str) -> None:
+    """Set `a.b.0.c=value` in a nested dict/list tree; the value is parsed as YAML (numbers, lists, ...)."""
+    if "=" not in dotted:
+        raise ConfigError(f"override {dotted!r} is not of the form key.sub=value")
+    key, raw = dotted.split("=", 1)
+    value = yaml.safe_load(raw) if raw else ""
+    parts = key.strip().split(".")
+    node: Any = tree
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {key!r}: {'.'.join(parts[:i])} has no item {part!r}")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {'.'.join(parts[:i])} is not a section")
+        if last:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and part not in node:
+                node[part] = {}
+            node = node[part]
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid recipe {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        seen = e.get("input")
+        shown = repr(seen) if not isinstance(seen, dict) else "{...}"
+        lines.append(f"  {loc}: {e['msg']} (got {shown[:80]})")
+    return "\n".join(lines)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    for item in overrides or []:
+        apply_override(tree, item)
+    return parse_recipe(tree, str(path))
+
+
+def parse_recipe(tree: dict, source: str = "<dict>") -> Recipe:
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def dump_recipe(recipe: Recipe, path: Path) -> None:
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))

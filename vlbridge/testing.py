@@ -1,0 +1,110 @@
+"""Tiny random models for tests and examples: every supported LLM family and vision tower, CPU-sized.
+
+`tiny_model("qwen3", "siglip_vision_model")` builds a seeded, randomly initialised VLModel (a 2-layer,
+64-wide LLM and a 32x32-pixel tower) with a small trained BPE tokenizer and its VLProcessor in about
+a second, so behaviour that must hold for every family can be checked without downloading anything.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from .config import VLConfig
+from .modeling import VLModel
+from .processing import VLProcessor
+from .registry import FRONTENDS
+from .tokenization import add_frontend_tokens, train_bpe
+
+_LLM_COMMON: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
+
+# transformers `model_type` -> config kwargs for a tiny random LLM of that family.
+TINY_LLM_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": {**_LLM_COMMON},
+    "qwen2": {**_LLM_COMMON, "use_sliding_window": False},
+    "qwen3": {**_LLM_COMMON, "head_dim": 16, "use_sliding_window": False},
+    "mistral": {**_LLM_COMMON, "head_dim": 16, "sliding_window": None},
+    "gemma": {**_LLM_COMMON, "head_dim": 16},
+    "gemma2": {**_LLM_COMMON, "head_dim": 16, "sliding_window": 512, "query_pre_attn_scalar": 16},
+    "phi3": {**_LLM_COMMON, "original_max_position_embeddings": 512, "sliding_window": None},
+}
+
+# transformers `model_type` -> config kwargs for a tiny random vision tower on 32x32 images.
+TINY_TOWER_CONFIGS: dict[str, dict[str, Any]] = {
+    "clip_vision_model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                          "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+    "siglip_vision_model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                            "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+    "convnext": {"num_channels": 3, "num_stages": 2, "patch_size": 4, "hidden_sizes": [16, 32], "depths": [1, 1],
+                 "image_size": 32},
+    "resnet": {"num_channels": 3, "embedding_size": 16, "hidden_sizes": [16, 32], "depths": [1, 1],
+               "layer_type": "basic"},
+}
+
+TINY_IMAGE_SIZE = 32
+
+_TEXTS = [
+    "What color is the circle? red",
+    "What shape is the blue object? square",
+    "How many triangles are there? two",
+    "Is there a green diamond? yes",
+    "Is the yellow circle left or right of the square? left",
+    "Describe the image. A small purple triangle and a large orange square.",
+    "Write a short caption for the image. Three shapes: red circle, cyan cross, white diamond.",
+]
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: nested dicts are merged, everything else replaced."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def tiny_vl_config(family: str = "llama", tower: str = "clip_vision_model", **overrides: Any) -> VLConfig:
+    """A fresh VLConfig for a tiny `family` LLM + `tower` LLaVA front-end; overrides merge recursively."""
+    raw = {
+        "llm": {"model_type": family, "config": copy.deepcopy(TINY_LLM_CONFIGS[family])},
+        "frontend": {
+            "type": "llava",
+            "vision": {"model_type": tower, "config": copy.deepcopy(TINY_TOWER_CONFIGS[tower])},
+            "connector": {"type": "mlp2x_gelu", "merge": 2},
+            "image": {"size": TINY_IMAGE_SIZE},
+        },
+        "max_length": 256,
+    }
+    return VLConfig.model_validate(_merge(raw, overrides))
+
+
+def tiny_tokenizer(config: VLConfig | None = None, vocab_size: int = 300):
+    """A byte-level BPE trained on a few shapes-like sentences, holding `config`'s front-end tokens."""
+    config = config or tiny_vl_config()
+    tokenizer = train_bpe(_TEXTS * 10, vocab_size)
+    return add_frontend_tokens(tokenizer, FRONTENDS.get(config.frontend.type).tokens_for(config.frontend))
+
+
+def tiny_model(
+    family: str = "llama", tower: str = "clip_vision_model", *, seed: int = 0, **overrides: Any
+) -> tuple[VLModel, Any, VLProcessor]:
+    """(model in eval mode, tokenizer, processor), with weights fixed by `seed`."""
+    config = tiny_vl_config(family, tower, **overrides)
+    tokenizer = tiny_tokenizer(config)
+    torch.manual_seed(seed)
+    model = VLModel.from_config(config, tokenizer).eval()
+    processor = VLProcessor(
+        tokenizer, model.frontend, image_token=config.image_token, max_length=config.max_length
+    )
+    return model, tokenizer, processor

@@ -1,0 +1,1 @@
+"""Training: stages (frozen | lora | full per module), the accelerate loop, checkpoints and resume."""

@@ -1,0 +1,104 @@
+"""`vlbridge train`: data -> tokenizer -> model -> stages -> final checkpoint -> evaluation -> report.
+
+This is the whole main job; every piece it calls is usable on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from rich.console import Console
+
+from ..checkpoint import load_model, save_model
+from ..data.formats import load_source
+from ..errors import ConfigError
+from ..modeling import VLModel
+from ..processing import VLProcessor
+from ..recipe import Recipe, dump_recipe
+from ..registry import FRONTENDS
+from ..tokenization import add_frontend_tokens, load_tokenizer
+from .checkpointing import TrainerState, latest_checkpoint, load_state
+from .report import evaluate_and_report
+from .trainer import Trainer
+
+MODEL_DIR = "model"
+
+
+def make_accelerator(recipe: Recipe) -> Accelerator:
+    precision = recipe.train.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "no"
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+
+
+def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path | None:
+    """Refuse to clobber an earlier run's checkpoints unless asked; return the checkpoint to resume from."""
+    run_dir = recipe.run_dir
+    found = latest_checkpoint(run_dir)
+    if resume:
+        if found is None:
+            raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} (set train.save_every)")
+        return found
+    if (found is not None or (run_dir / MODEL_DIR).exists()) and not overwrite:
+        raise ConfigError(
+            f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to start over, "
+            f"or output_dir=... for a new directory"
+        )
+    if overwrite:
+        for name in ("checkpoints", MODEL_DIR):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+    return None
+
+
+def training_texts(datasets: list) -> list[str]:
+    return [m["content"].replace("<image>", " ") for samples in datasets for s in samples for m in s["messages"]]
+
+
+def build(recipe: Recipe, stage_data: list, resume_from: Path | None, device: str):
+    """(model, tokenizer, state): fresh from the recipe, or exactly as the checkpoint left them."""
+    if resume_from is not None:
+        model, tokenizer = load_model(resume_from, device=device)
+        return model, tokenizer, load_state(resume_from)
+    tokenizer = load_tokenizer(recipe.tokenizer, training_texts(stage_data))
+    add_frontend_tokens(tokenizer, FRONTENDS.get(recipe.model.frontend.type).tokens_for(recipe.model.frontend))
+    torch.manual_seed(recipe.seed)
+    model = VLModel.from_config(recipe.model, tokenizer, device=device)
+    return model, tokenizer, TrainerState()
+
+
+def run_training(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, evaluate: bool = True,
+                 console: Console | None = None) -> dict:
+    console = console or Console()
+    wall_start = time.perf_counter()
+    accelerator = make_accelerator(recipe)
+    run_dir = recipe.run_dir
+    resume_from = prepare_run_dir(recipe, resume, overwrite) if accelerator.is_main_process else None
+    resume_from = latest_checkpoint(run_dir) if resume else resume_from
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_recipe(recipe, run_dir / "recipe.yaml")
+    train_data = load_source(recipe.data.train)
+    stage_data = [load_source(s.data) if s.data is not None else train_data for s in recipe.train.stages]
+    model, tokenizer, state = build(recipe, stage_data, resume_from, str(accelerator.device))
+    processor = VLProcessor(tokenizer, model.frontend, max_length=recipe.model.max_length)
+    trainer = Trainer(recipe, model, processor, stage_data, accelerator, console)
+    state = trainer.train(state, resume_from)
+    model = accelerator.unwrap_model(trainer.model)
+    summary = {"train_seconds": state.train_seconds, "global_steps": state.global_step,
+               "samples_seen": state.samples_seen, "dropped_samples": trainer.drops.counts}
+    if not accelerator.is_main_process:
+        return summary
+    save_model(model, run_dir / MODEL_DIR, tokenizer)
+    if trainer.drops.total:
+        console.print(f"[yellow]dropped {trainer.drops.total} over-long training samples: {trainer.drops.counts}")
+    if evaluate and recipe.data.eval is not None:
+        summary.update(evaluate_and_report(recipe, model, processor, train_data, console))
+    summary["wall_seconds"] = time.perf_counter() - wall_start
+    (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
+    console.print(f"model saved to {run_dir / MODEL_DIR}; results in {run_dir / 'results.json'}")
+    return summary

@@ -1,0 +1,140 @@
+"""The training loop: stages in order, each a seeded, resumable sequence of optimizer steps (accelerate)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from rich.console import Console
+from tqdm.auto import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from ..processing import DropCounter, VLProcessor
+from ..recipe import Recipe, StageConfig
+from .batches import EncodedSamples
+from .checkpointing import TrainerState, prune_checkpoints, save_checkpoint
+from .sampler import BatchOrder
+from .stages import apply_stage, optimizer_groups, stage_table
+
+
+def step_seed(seed: int, rank: int, global_step: int) -> int:
+    """RNG seed for one optimizer step: a pure function, so a resumed run draws the same dropout masks."""
+    digest = hashlib.sha256(f"{seed}:{rank}:{global_step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63)
+
+
+class Trainer:
+    def __init__(
+        self,
+        recipe: Recipe,
+        model,
+        processor: VLProcessor,
+        stage_data: list,
+        accelerator: Accelerator,
+        console: Console,
+    ) -> None:
+        self.recipe, self.model, self.processor = recipe, model, processor
+        self.stage_data, self.accelerator, self.console = stage_data, accelerator, console
+        self.drops = DropCounter()
+        self.run_dir = recipe.run_dir
+        self.writer = self._tensorboard() if recipe.train.tensorboard else None
+
+    def _tensorboard(self):
+        if not self.accelerator.is_main_process:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.run_dir / "logs"))
+
+    def train(self, state: TrainerState, resume_from: Path | None = None) -> TrainerState:
+        for index, stage in enumerate(self.recipe.train.stages):
+            if index < state.stage:
+                continue
+            self._run_stage(index, stage, state, resume_from if index == state.stage else None)
+            state.stage, state.stage_step = index + 1, 0
+        if self.writer is not None:
+            self.writer.close()
+        return state
+
+    # -- one stage -------------------------------------------------------------------------
+    def _run_stage(self, index: int, stage: StageConfig, state: TrainerState, resume_from: Path | None) -> None:
+        reports = apply_stage(self.model, stage, self.recipe.train.lora)
+        if self.accelerator.is_main_process:
+            self.console.print(stage_table(stage, reports))
+        optimizer = torch.optim.AdamW(optimizer_groups(self.model, stage), betas=(0.9, 0.95))
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, stage.warmup_steps, stage.steps, min_lr_rate=stage.min_lr_ratio
+        )
+        if resume_from is not None and state.stage_step > 0:
+            optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", weights_only=True))
+            scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=True))
+        data = EncodedSamples(self.stage_data[index], self.processor, self.drops, cache=True)
+        acc = self.accelerator
+        order = BatchOrder(len(data), stage.batch_size, self.recipe.seed + index, acc.process_index, acc.num_processes)
+        wrapped, optimizer = acc.prepare(self.model, optimizer)
+        bar = tqdm(total=stage.steps, initial=state.stage_step, desc=stage.name, disable=not acc.is_main_process)
+        while state.stage_step < stage.steps:
+            started = time.perf_counter()
+            loss, tokens = self._step(wrapped, optimizer, scheduler, data, order, stage, state)
+            elapsed = time.perf_counter() - started
+            state.train_seconds += elapsed
+            state.stage_step += 1
+            state.global_step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / elapsed:,.0f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            self._log(state, loss, tokens / elapsed, scheduler.get_last_lr()[0])
+            self._maybe_checkpoint(optimizer, scheduler, state, stage)
+        bar.close()
+        acc.free_memory()
+
+    def _step(self, wrapped, optimizer, scheduler, data, order, stage, state) -> tuple[float, int]:
+        """One optimizer step over `grad_accum` micro-batches; returns (mean loss, tokens processed)."""
+        acc = self.accelerator
+        torch.manual_seed(step_seed(self.recipe.seed, acc.process_index, state.global_step))
+        wrapped.train()
+        total_loss, tokens = 0.0, 0
+        for micro in range(stage.grad_accum):
+            k = state.stage_step * stage.grad_accum + micro
+            indices = order.batch(k)
+            batch = data.batch(indices)
+            state.samples_seen += len(indices) * acc.num_processes
+            if batch is None:
+                continue
+            batch = {key: v.to(acc.device) if torch.is_tensor(v) else v for key, v in batch.items()}
+            tokens += int(batch["attention_mask"].sum())
+            last = micro == stage.grad_accum - 1
+            with nullcontext() if last else acc.no_sync(wrapped):
+                out = wrapped(**batch)
+                acc.backward(out.loss / stage.grad_accum)
+            total_loss += float(out.loss.detach()) / stage.grad_accum
+        if stage.max_grad_norm is not None:
+            acc.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], stage.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total_loss, tokens * acc.num_processes
+
+    def _log(self, state: TrainerState, loss: float, tokens_per_s: float, lr: float) -> None:
+        if self.writer is not None and state.global_step % self.recipe.train.log_every == 0:
+            self.writer.add_scalar("train/loss", loss, state.global_step)
+            self.writer.add_scalar("train/tokens_per_s", tokens_per_s, state.global_step)
+            self.writer.add_scalar("train/lr", lr, state.global_step)
+
+    def _maybe_checkpoint(self, optimizer, scheduler, state: TrainerState, stage: StageConfig) -> None:
+        every = self.recipe.train.save_every
+        if not every or state.global_step % every:
+            return
+        self.save_checkpoint(optimizer, scheduler, state)
+
+    def save_checkpoint(self, optimizer, scheduler, state: TrainerState) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.model)
+            save_checkpoint(self.run_dir, model, self.processor.tokenizer, optimizer, scheduler, state)
+            prune_checkpoints(self.run_dir, self.recipe.train.keep_checkpoints)
+        acc.wait_for_everyone()
