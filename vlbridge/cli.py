@@ -41,6 +41,16 @@ def _chat(args: argparse.Namespace) -> None:
     print(tokenizer.decode(tokens[0], skip_special_tokens=True).strip())
 
 
+def _export(args: argparse.Namespace) -> None:
+    from .checkpoint import load_model, resolve_checkpoint, save_model
+
+    model, tokenizer = load_model(resolve_checkpoint(args.checkpoint))
+    if args.merge_lora:
+        model.merge_lora()
+    save_model(model, args.out, tokenizer)
+    print(args.out)
+
+
 def _data(args: argparse.Namespace) -> None:
     from .data import shapes
 
@@ -71,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int)
     chat.set_defaults(func=_chat)
 
+    export = sub.add_parser("export", help="copy a checkpoint, optionally with LoRA merged into the weights")
+    export.add_argument("checkpoint")
+    export.add_argument("out")
+    export.add_argument("--merge-lora", action="store_true")
+    export.set_defaults(func=_export)
+
     data = sub.add_parser("data", help="export the synthetic shapes dataset to LLaVA JSON or a datasets dir")
     data.add_argument("out")
     data.add_argument("--variant", default="base", choices=["base", "hires", "many"])
@@ -86,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
         args.func(args)
     except VLBridgeError as err:

@@ -16,6 +16,7 @@ from .config import VLConfig
 from .errors import ConfigError
 from .families import choose_attention, choose_dtype
 from .frontends.base import Frontend
+from .lora import merge
 from .registry import FRONTENDS
 
 
@@ -95,6 +96,12 @@ class VLModel(nn.Module):
     def lora_groups(self) -> dict[str, PeftModel]:
         return {name: m for name in self.group_paths() if isinstance(m := self.get_group(name), PeftModel)}
 
+    def merge_lora(self) -> VLModel:
+        """Fold every LoRA adapter into its base weights (other trained modules are untouched)."""
+        for name, module in self.lora_groups().items():
+            self.set_group(name, merge(module))
+        return self
+
     def embed(self, input_ids: torch.Tensor, pixel_values=None) -> torch.Tensor:
         """Token embeddings with image features spliced in: [B, T, D]."""
         inputs_embeds = self.language_model.get_input_embeddings()(input_ids)
@@ -121,4 +128,4 @@ class VLModel(nn.Module):
         inputs_embeds = self.embed(input_ids, pixel_values)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        return self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=torch.ones_like(attention_mask), **kwargs)

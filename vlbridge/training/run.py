@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from rich.console import Console
 
 from ..checkpoint import load_model, save_model
@@ -33,7 +33,9 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     precision = recipe.train.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "no"
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    # Towers read features from an inner layer, so their last layers (and pooler) get no gradient.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
 
 
 def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path | None:
