@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlbridge.data.formats import load_image
+from vlbridge.tokenization import generation_kwargs
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -60,8 +61,7 @@ def evaluate_vqa(model, processor, samples: Sequence[dict], *, batch_size: int =
         batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         batch.pop("labels", None)
         new_tokens = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            **batch, max_new_tokens=max_new_tokens, do_sample=False, **generation_kwargs(tokenizer)
         )
         for sample, tokens in zip(chunk, new_tokens, strict=True):
             prediction = tokenizer.decode(tokens, skip_special_tokens=True).strip()

@@ -60,7 +60,8 @@ def prompt(batch: dict) -> dict:
 def generate(model, inputs: dict, max_new_tokens: int = 6):
     """Greedy generation that also returns the raw logits of every step."""
     return model.generate(
-        **inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True, output_logits=True
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True,
+        output_logits=True,
     )
 
 
@@ -151,7 +152,7 @@ def test_cached_decode_equals_full_recompute(vl, red_image):
 
 def test_left_padded_batch_equals_one_by_one(vl, red_image, blue_image):
     model, tokenizer, processor = vl
-    conversations = [chat("What color is the circle?"), chat("Is the yellow circle left or right of the square?")]
+    conversations = [chat("What color is the circle?"), chat("Is the yellow circle left or right of it?")]
     images = [[red_image], [blue_image]]
     batch = processor(conversations, images)
     assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][1].all()  # row 0 is left-padded

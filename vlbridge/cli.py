@@ -26,6 +26,7 @@ def _chat(args: argparse.Namespace) -> None:
     from .checkpoint import load_model, resolve_checkpoint
     from .data.formats import load_image
     from .processing import VLProcessor
+    from .tokenization import generation_kwargs
 
     model, tokenizer = load_model(resolve_checkpoint(args.checkpoint))
     processor = VLProcessor(tokenizer, model.frontend, max_length=model.config.max_length)
@@ -36,8 +37,7 @@ def _chat(args: argparse.Namespace) -> None:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
-    tokens = model.generate(**batch, max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id, **sampling)
+    tokens = model.generate(**batch, max_new_tokens=args.max_new_tokens, **generation_kwargs(tokenizer), **sampling)
     print(tokenizer.decode(tokens[0], skip_special_tokens=True).strip())
 
 

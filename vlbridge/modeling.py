@@ -128,4 +128,4 @@ class VLModel(nn.Module):
         inputs_embeds = self.embed(input_ids, pixel_values)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=torch.ones_like(attention_mask), **kwargs)
+        return self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)

@@ -74,3 +74,12 @@ def add_frontend_tokens(tokenizer, tokens: list[str]):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def generation_kwargs(tokenizer) -> dict:
+    """Stop on the tokenizer's eos and on the chat template's end-of-turn token, pad with its pad id."""
+    stops = [tokenizer.eos_token_id]
+    end_of_turn = tokenizer.get_vocab().get(EOS)
+    if end_of_turn is not None and end_of_turn not in stops:
+        stops.append(end_of_turn)
+    return {"eos_token_id": stops, "pad_token_id": tokenizer.pad_token_id}

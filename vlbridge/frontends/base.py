@@ -81,10 +81,11 @@ class Frontend(nn.Module, ABC):
                 )
             return inputs_embeds
         features = self.encode(pixel_values).to(inputs_embeds.dtype)  # [N_img, T_img, D]
-        if n_slots != features.shape[0] * features.shape[1]:
+        n_images, per_image = features.shape[:2]
+        if n_slots != n_images * per_image:
             raise DataError(
                 f"image placeholder count mismatch: {n_slots} {self.image_token!r} tokens in input_ids but "
-                f"{features.shape[0]} images x {features.shape[1]} tokens = {features.shape[0] * features.shape[1]} "
+                f"{n_images} images x {per_image} tokens = {n_images * per_image} "
                 "features; build inputs with VLProcessor so each <image> expands to the front-end's token "
                 "count, and do not truncate inside an image"
             )
