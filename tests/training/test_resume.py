@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -27,7 +28,8 @@ def weights(model_dir: Path) -> dict:
 
 def kill_after_checkpoint(recipe_path: Path, run_dir: Path, step: int) -> None:
     """Run `vlbridge train` in a subprocess and SIGKILL it as soon as checkpoint `step` exists."""
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    # same intra-op thread count as this process: float reductions must run in the same order
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen([sys.executable, "-m", "vlbridge.cli", "train", str(recipe_path), "--no-eval"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     marker = run_dir / "checkpoints" / f"step-{step:08d}" / "trainer_state.json"
