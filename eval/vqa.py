@@ -43,12 +43,22 @@ class VQAResult:
         groups: dict[str, list[dict]] = defaultdict(list)
         for r in self.records:
             groups[r["type"]].append(r)
-        return {t: {"accuracy": sum(r["correct"] for r in rs) / len(rs), "n": len(rs)} for t, rs in sorted(groups.items())}
+        return {
+            t: {"accuracy": sum(r["correct"] for r in rs) / len(rs), "n": len(rs)}
+            for t, rs in sorted(groups.items())
+        }
 
 
 @torch.no_grad()
-def evaluate_vqa(model, processor, samples: Sequence[dict], *, batch_size: int = 64, max_new_tokens: int = 16,
-                 progress: bool = True) -> VQAResult:
+def evaluate_vqa(
+    model,
+    processor,
+    samples: Sequence[dict],
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 16,
+    progress: bool = True,
+) -> VQAResult:
     """Greedy answers for every sample, scored by normalised exact match."""
     model.eval()
     tokenizer = processor.tokenizer
@@ -66,16 +76,25 @@ def evaluate_vqa(model, processor, samples: Sequence[dict], *, batch_size: int =
         for sample, tokens in zip(chunk, new_tokens, strict=True):
             prediction = tokenizer.decode(tokens, skip_special_tokens=True).strip()
             reference = sample["messages"][-1]["content"]
-            result.records.append({
-                "id": sample.get("id"), "type": question_type(sample), "question": prompts_text(sample),
-                "answer": reference, "prediction": prediction,
-                "correct": normalize_answer(prediction) == normalize_answer(reference),
-            })
+            result.records.append(
+                {
+                    "id": sample.get("id"),
+                    "type": question_type(sample),
+                    "question": prompts_text(sample),
+                    "answer": reference,
+                    "prediction": prediction,
+                    "correct": normalize_answer(prediction) == normalize_answer(reference),
+                }
+            )
     return result
 
 
 def prompts_text(sample: dict) -> str:
-    return sample["messages"][-2]["content"].replace("<image>", "").strip() if len(sample["messages"]) > 1 else ""
+    return (
+        sample["messages"][-2]["content"].replace("<image>", "").strip()
+        if len(sample["messages"]) > 1
+        else ""
+    )
 
 
 def majority_baselines(train: Sequence[dict], test: Sequence[dict]) -> dict[str, dict]:

@@ -60,7 +60,10 @@ def prompt(batch: dict) -> dict:
 def generate(model, inputs: dict, max_new_tokens: int = 6):
     """Greedy generation that also returns the raw logits of every step."""
     return model.generate(
-        **inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True,
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        return_dict_in_generate=True,
         output_logits=True,
     )
 
@@ -186,8 +189,10 @@ def test_wrong_image_token_count_is_a_data_error(family_vl, red_image):
     batch = prompt(train_batch(family_vl, red_image))
     ids = batch["input_ids"]
     image_pos = (ids[0] == model.frontend.image_token_id).nonzero().flatten()
-    for bad in (ids[:, torch.arange(ids.shape[1]) != image_pos[0]],  # one placeholder too few
-                torch.cat([ids[:, :1], ids[:, image_pos[:1]], ids[:, 1:]], dim=1)):  # one too many
+    for bad in (
+        ids[:, torch.arange(ids.shape[1]) != image_pos[0]],  # one placeholder too few
+        torch.cat([ids[:, :1], ids[:, image_pos[:1]], ids[:, 1:]], dim=1),
+    ):  # one too many
         with pytest.raises(DataError, match=r"placeholder count mismatch.*build inputs with VLProcessor"):
             model(bad, torch.ones_like(bad), batch["pixel_values"])
     with pytest.raises(DataError, match=r"no images.*pixel_values"):

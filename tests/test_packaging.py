@@ -1,9 +1,10 @@
-"""Every package in the tree is declared in pyproject, so the wheel contains it (CI installs and imports it)."""
+"""Every package in the tree is declared in pyproject, so the wheel contains it (CI imports them)."""
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 MAPPED = {"vlbridge": "vlbridge", "vlbridge.eval": "eval", "vlbridge.serve": "serve"}

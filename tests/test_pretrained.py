@@ -24,18 +24,29 @@ def write_pretrained(tmp_path):
     llm = Qwen2ForCausalLM(Qwen2Config(**TINY_LLM_CONFIGS["qwen2"], vocab_size=len(tokenizer)))
     llm.save_pretrained(tmp_path / "llm")
     vision = TINY_TOWER_CONFIGS["clip_vision_model"]
-    clip = CLIPModel(CLIPConfig(vision_config=vision, text_config={"hidden_size": 32, "intermediate_size": 64,
-                                                                   "num_hidden_layers": 1, "num_attention_heads": 2}))
+    clip = CLIPModel(
+        CLIPConfig(
+            vision_config=vision,
+            text_config={
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+            },
+        )
+    )
     clip.save_pretrained(tmp_path / "clip")
     return llm, clip
 
 
 def test_build_from_local_pretrained_checkpoints(tmp_path, red_image):
     llm, clip = write_pretrained(tmp_path)
-    config = VLConfig.model_validate({
-        "llm": {"name_or_path": str(tmp_path / "llm")},
-        "frontend": {"type": "llava", "vision": {"name_or_path": str(tmp_path / "clip")}},
-    })
+    config = VLConfig.model_validate(
+        {
+            "llm": {"name_or_path": str(tmp_path / "llm")},
+            "frontend": {"type": "llava", "vision": {"name_or_path": str(tmp_path / "clip")}},
+        }
+    )
     tokenizer = load_tokenizer(TokenizerConfig(name_or_path=str(tmp_path / "llm")))
     n_before = len(tokenizer)
     add_frontend_tokens(tokenizer, FRONTENDS.get("llava").tokens_for(config.frontend))
@@ -48,8 +59,9 @@ def test_build_from_local_pretrained_checkpoints(tmp_path, red_image):
         if "embed_tokens" not in key and "lm_head" not in key:
             assert torch.equal(value, llm_state[key]), key
     tower = model.frontend.vision_tower.model  # the vision half of the CLIP checkpoint, weights included
-    assert torch.equal(tower.embeddings.patch_embedding.weight,
-                       clip.vision_model.embeddings.patch_embedding.weight)
+    assert torch.equal(
+        tower.embeddings.patch_embedding.weight, clip.vision_model.embeddings.patch_embedding.weight
+    )
 
     processor = VLProcessor(tokenizer, model.frontend)
     batch = processor([[{"role": "user", "content": "<image>\nWhat color?"}]], [[red_image]])

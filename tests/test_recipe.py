@@ -34,8 +34,15 @@ def test_frontend_section_is_validated_by_its_registered_class(quickstart):
 
 
 def test_overrides_set_nested_values_lists_and_types(quickstart):
-    recipe = load_recipe(quickstart, ["train.stages.0.lr=3e-4", "model.frontend.connector.merge=2",
-                                      "data.train.n=10", "model.frontend.vision.config.depths=[1,1,1]"])
+    recipe = load_recipe(
+        quickstart,
+        [
+            "train.stages.0.lr=3e-4",
+            "model.frontend.connector.merge=2",
+            "data.train.n=10",
+            "model.frontend.vision.config.depths=[1,1,1]",
+        ],
+    )
     assert recipe.train.stages[0].lr == pytest.approx(3e-4)
     assert recipe.model.frontend.connector.merge == 2
     assert recipe.data.train.n == 10
@@ -47,7 +54,10 @@ def test_overrides_set_nested_values_lists_and_types(quickstart):
     [
         ("train.stages.0.lr=fast", ["train.stages.0.lr", "'fast'"]),
         ("model.llm.colour=red", ["model.llm.colour", "Extra inputs are not permitted", "'red'"]),
-        ("model.frontend.connector.merge=0", ["model.frontend.connector.merge", "greater than or equal to 1"]),
+        (
+            "model.frontend.connector.merge=0",
+            ["model.frontend.connector.merge", "greater than or equal to 1"],
+        ),
         ("train.stages.0.modules.llm=partly", ["train.stages.0.modules.llm", "'partly'"]),
         ("data.train.type=imagenet", ["unknown data format 'imagenet'", "shapes"]),
         ("model.frontend.type=perceiver", ["unknown front-end 'perceiver'", "llava"]),

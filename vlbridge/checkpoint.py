@@ -26,7 +26,7 @@ FRONTEND_FILE = "frontend.safetensors"
 
 @contextmanager
 def atomic_dir(path: str | os.PathLike):
-    """Yield a temp dir beside `path`; on success it replaces `path` in one rename (old copy removed after)."""
+    """Yield a temp dir beside `path`; on success it replaces `path` in one rename (old copy removed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -54,7 +54,9 @@ def write_model_files(model, out: Path, tokenizer=None) -> None:
     llm = model.language_model
     base = llm.get_base_model() if isinstance(llm, PeftModel) else llm
     base.save_pretrained(out / "llm", state_dict=clean_state_dict(llm))
-    save_file({k: v.contiguous() for k, v in clean_state_dict(model.frontend).items()}, str(out / FRONTEND_FILE))
+    save_file(
+        {k: v.contiguous() for k, v in clean_state_dict(model.frontend).items()}, str(out / FRONTEND_FILE)
+    )
     for group, module in model.lora_groups().items():
         module.save_pretrained(str(out / "adapters" / group))
     resolved = model.config.model_copy(deep=True)
@@ -73,7 +75,9 @@ def load_model(path, *, device: str = "cpu"):
 
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
-        raise ConfigError(f"{path} is not a vlbridge checkpoint (no {CONFIG_FILE}); pass a run or checkpoint dir")
+        raise ConfigError(
+            f"{path} is not a vlbridge checkpoint (no {CONFIG_FILE}); pass a run or checkpoint dir"
+        )
     config = VLConfig.model_validate_json((path / CONFIG_FILE).read_text())
     if config.llm.name_or_path and not Path(config.llm.name_or_path).is_absolute():
         local = path / config.llm.name_or_path
@@ -101,4 +105,6 @@ def resolve_checkpoint(path) -> Path:
     found = sorted((path / "checkpoints").glob(f"step-*/{CONFIG_FILE}"))
     if found:
         return found[-1].parent
-    raise ConfigError(f"no vlbridge model under {path}: expected {CONFIG_FILE}, model/ or checkpoints/step-*/")
+    raise ConfigError(
+        f"no vlbridge model under {path}: expected {CONFIG_FILE}, model/ or checkpoints/step-*/"
+    )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from .errors import VLBridgeError
 
@@ -36,8 +35,12 @@ def _chat(args: argparse.Namespace) -> None:
     batch.pop("labels")
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
-    tokens = model.generate(**batch, max_new_tokens=args.max_new_tokens, **generation_kwargs(tokenizer), **sampling)
+    sampling = (
+        {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+    )
+    tokens = model.generate(
+        **batch, max_new_tokens=args.max_new_tokens, **generation_kwargs(tokenizer), **sampling
+    )
     print(tokenizer.decode(tokens[0], skip_special_tokens=True).strip())
 
 
@@ -60,7 +63,9 @@ def _data(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlbridge", description="Vision-language models over any HF causal LLM.")
+    parser = argparse.ArgumentParser(
+        prog="vlbridge", description="Vision-language models over any HF causal LLM."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train (and evaluate) a model from a recipe YAML")

@@ -61,7 +61,7 @@ class VisionTowerConfig(Strict):
 
 
 class ConnectorConfig(Strict):
-    """Maps vision features to the LLM width; `merge=2` concatenates 2x2 neighbours first (4x fewer tokens)."""
+    """Maps vision features to the LLM width; `merge=2` first concatenates 2x2 neighbours (4x fewer)."""
 
     type: str = "mlp2x_gelu"
     merge: int = Field(default=1, ge=1)
@@ -102,8 +102,8 @@ class VLConfig(Strict):
     frontend: Annotated[SerializeAsAny[FrontendConfig], dispatch_on_type(FRONTENDS, FrontendConfig)] = Field(
         default={"type": "llava"}, validate_default=True
     )
-    reducers: list[Annotated[SerializeAsAny[ReducerConfig], dispatch_on_type(REDUCERS, ReducerConfig)]] = Field(
-        default_factory=list
+    reducers: list[Annotated[SerializeAsAny[ReducerConfig], dispatch_on_type(REDUCERS, ReducerConfig)]] = (
+        Field(default_factory=list)
     )
     image_token: str = "<image>"
     max_length: int = Field(default=2048, ge=8)

@@ -78,7 +78,10 @@ class VLModel(nn.Module):
 
     def group_paths(self) -> dict[str, str]:
         """Named parts a training stage can freeze, LoRA-wrap or train fully -> attribute path."""
-        return {"llm": "language_model", **{k: f"frontend.{v}" for k, v in self.frontend.group_paths().items()}}
+        return {
+            "llm": "language_model",
+            **{k: f"frontend.{v}" for k, v in self.frontend.group_paths().items()},
+        }
 
     def get_group(self, name: str) -> nn.Module:
         return self.get_submodule(self._group_path(name))
@@ -128,4 +131,6 @@ class VLModel(nn.Module):
         inputs_embeds = self.embed(input_ids, pixel_values)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        return self.language_model.generate(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
+        )

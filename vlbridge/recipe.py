@@ -53,6 +53,7 @@ class TrainConfig(Strict):
     log_every: int = Field(default=10, ge=1)
     tensorboard: bool = False
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    preencode: bool = Field(default=True, description="encode all samples before the loop (small datasets)")
 
     @field_validator("stages")
     @classmethod

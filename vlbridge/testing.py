@@ -40,14 +40,37 @@ TINY_LLM_CONFIGS: dict[str, dict[str, Any]] = {
 
 # transformers `model_type` -> config kwargs for a tiny random vision tower on 32x32 images.
 TINY_TOWER_CONFIGS: dict[str, dict[str, Any]] = {
-    "clip_vision_model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                          "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-    "siglip_vision_model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                            "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-    "convnext": {"num_channels": 3, "num_stages": 2, "patch_size": 4, "hidden_sizes": [16, 32],
-                 "depths": [1, 1], "image_size": 32},
-    "resnet": {"num_channels": 3, "embedding_size": 16, "hidden_sizes": [16, 32], "depths": [1, 1],
-               "layer_type": "basic"},
+    "clip_vision_model": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+    },
+    "siglip_vision_model": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+    },
+    "convnext": {
+        "num_channels": 3,
+        "num_stages": 2,
+        "patch_size": 4,
+        "hidden_sizes": [16, 32],
+        "depths": [1, 1],
+        "image_size": 32,
+    },
+    "resnet": {
+        "num_channels": 3,
+        "embedding_size": 16,
+        "hidden_sizes": [16, 32],
+        "depths": [1, 1],
+        "layer_type": "basic",
+    },
 }
 
 TINY_IMAGE_SIZE = 32

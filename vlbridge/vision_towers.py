@@ -44,7 +44,11 @@ for _name, _family in {
     VISION_TOWERS.register(_name)(_family)
 
 # Multimodal configs whose vision half is what a user usually means by e.g. "openai/clip-vit-base-patch32".
-_VISION_SUBCONFIG = {"clip": "clip_vision_model", "siglip": "siglip_vision_model", "siglip2": "siglip2_vision_model"}
+_VISION_SUBCONFIG = {
+    "clip": "clip_vision_model",
+    "siglip": "siglip_vision_model",
+    "siglip2": "siglip2_vision_model",
+}
 
 
 def load_tower_config(cfg: VisionTowerConfig):
@@ -81,8 +85,9 @@ class VisionTower(nn.Module):
         """Same tower, described by its full config instead of a hub id (weights come from the checkpoint)."""
         exclude = {"model_type", "transformers_version", "architectures", "_name_or_path"}
         config = {k: v for k, v in self.hf_config.to_dict().items() if k not in exclude}
-        return self.cfg.model_copy(update={"name_or_path": None, "model_type": self.hf_config.model_type,
-                                           "config": config})
+        return self.cfg.model_copy(
+            update={"name_or_path": None, "model_type": self.hf_config.model_type, "config": config}
+        )
 
     @property
     def native_image_size(self) -> int | None:

@@ -107,7 +107,7 @@ def test_geometry_and_counts(name: str) -> None:
             assert 0 < x0 and 0 < y0 and x1 < v.canvas and y1 < v.canvas
             lo, hi = dict(v.sizes)[o.size]
             assert lo <= o.extent <= hi and o.shape in v.shapes and o.color in v.colors
-            for p in objs[i + 1:]:
+            for p in objs[i + 1 :]:
                 a, b = o.bbox, p.bbox
                 apart_x = a[2] + v.gap <= b[0] or b[2] + v.gap <= a[0]
                 assert apart_x or a[3] + v.gap <= b[1] or b[3] + v.gap <= a[1]
@@ -164,9 +164,16 @@ def test_hires_objects_are_small_and_many_has_many() -> None:
 
 
 def test_custom_variant() -> None:
-    v = S.ShapesVariant("mine", canvas=96, min_objects=2, max_objects=4,
-                        shapes=("cross", "hexagon", "circle"),
-                        colors=("orange", "cyan", "white"), background=(0, 0, 0), supersample=1)
+    v = S.ShapesVariant(
+        "mine",
+        canvas=96,
+        min_objects=2,
+        max_objects=4,
+        shapes=("cross", "hexagon", "circle"),
+        colors=("orange", "cyan", "white"),
+        background=(0, 0, 0),
+        supersample=1,
+    )
     scene = S.make_scene(v, 7)
     assert scene.variant == "mine" and scene.image().size == (96, 96)
     px = _pixels(scene.image())

@@ -21,7 +21,10 @@ def test_torchrun_two_processes(tmp_path, recipe_tree):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     result = subprocess.run(
         [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "vlbridge.cli", "train", str(recipe_path)],
-        capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "results.json").read_text())

@@ -37,8 +37,11 @@ def test_merged_model_matches_base_plus_adapter(tmp_path, recipe_tree, red_image
     assert not merged.lora_groups()
     torch.testing.assert_close(merged(**batch).logits, with_adapter, rtol=1e-5, atol=1e-5)
     for name in ("connector", "vision_tower"):  # trained non-LoRA modules survive the merge exactly
-        for (k, a), (_, b) in zip(model.get_group(name).state_dict().items(),
-                                  merged.get_group(name).state_dict().items(), strict=True):
+        for (k, a), (_, b) in zip(
+            model.get_group(name).state_dict().items(),
+            merged.get_group(name).state_dict().items(),
+            strict=True,
+        ):
             assert torch.equal(a, b), k
     reloaded, _ = load_model(tmp_path / "adapter")
     assert torch.equal(reloaded(**batch).logits, with_adapter)

@@ -30,8 +30,12 @@ def kill_after_checkpoint(recipe_path: Path, run_dir: Path, step: int) -> None:
     """Run `vlbridge train` in a subprocess and SIGKILL it as soon as checkpoint `step` exists."""
     # same intra-op thread count as this process: float reductions must run in the same order
     env = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen([sys.executable, "-m", "vlbridge.cli", "train", str(recipe_path), "--no-eval"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vlbridge.cli", "train", str(recipe_path), "--no-eval"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     marker = run_dir / "checkpoints" / f"step-{step:08d}" / "trainer_state.json"
     deadline = time.monotonic() + 240
     while not marker.exists():
@@ -49,7 +53,9 @@ def kill_after_checkpoint(recipe_path: Path, run_dir: Path, step: int) -> None:
 @pytest.mark.slow
 def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, recipe_tree):
     steps = (6, 40)  # long enough after the kill point that the kill lands mid-run
-    straight = parse_recipe(recipe_tree(steps=steps, save_every=4) | {"output_dir": str(tmp_path / "straight")})
+    straight = parse_recipe(
+        recipe_tree(steps=steps, save_every=4) | {"output_dir": str(tmp_path / "straight")}
+    )
     run_training(straight, evaluate=False)
 
     interrupted_tree = recipe_tree(steps=steps, save_every=4) | {"output_dir": str(tmp_path / "killed")}

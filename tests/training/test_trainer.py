@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from vlbridge.checkpoint import load_model
@@ -15,7 +16,9 @@ from vlbridge.training.stages import apply_stage
 
 
 def test_two_stage_run_writes_model_checkpoints_and_results(recipe_tree):
-    recipe = parse_recipe(recipe_tree(save_every=3))
+    tree = recipe_tree(save_every=3)
+    tree["train"]["tensorboard"] = True
+    recipe = parse_recipe(tree)
     summary = run_training(recipe)
     run_dir = recipe.run_dir
     assert summary["global_steps"] == 10
@@ -25,7 +28,8 @@ def test_two_stage_run_writes_model_checkpoints_and_results(recipe_tree):
     assert all(row["majority_baseline"] is not None for row in results["per_type"].values())
     assert results["train_seconds"] > 0 and 0.0 <= results["accuracy"] <= 1.0
     assert (run_dir / "examples" / "example-0.png").is_file()
-    assert (run_dir / "recipe.yaml").is_file()
+    assert parse_recipe(yaml.safe_load((run_dir / "recipe.yaml").read_text())) == recipe  # resolved recipe
+    assert list((run_dir / "logs").glob("events.out.tfevents.*"))  # TensorBoard scalars
     assert latest_checkpoint(run_dir).name == "step-00000009"  # keep_checkpoints=2: steps 6 and 9 remain
     assert len(list((run_dir / "checkpoints").iterdir())) == 2
     assert (run_dir / "model" / "adapters" / "llm" / "adapter_config.json").is_file()

@@ -22,7 +22,11 @@ from ..registry import DATA_FORMATS
 
 IMAGE_TOKEN = "<image>"
 _LLAVA_ROLES = {
-    "human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"
+    "human": "user",
+    "gpt": "assistant",
+    "system": "system",
+    "user": "user",
+    "assistant": "assistant",
 }
 
 

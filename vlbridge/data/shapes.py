@@ -43,8 +43,21 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 BASE_SHAPES = ("circle", "square", "triangle", "diamond")
 BASE_COLORS = ("red", "green", "blue", "yellow", "purple")
 _PLURALS = {"cross": "crosses"}
-_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-                 "eleven", "twelve")
+_NUMBER_WORDS = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+)
 _INDEX_BITS = 32
 _PLACE_TRIES = 100
 _SCENE_TRIES = 500
@@ -167,13 +180,19 @@ def _draw_cross(d: ImageDraw.ImageDraw, b: Box, fill: tuple[int, int, int]) -> N
 def _draw_hexagon(d: ImageDraw.ImageDraw, b: Box, fill: tuple[int, int, int]) -> None:
     _, cy = _center(b)
     q = (b[2] - b[0]) / 4
-    d.polygon([(b[0] + q, b[1]), (b[2] - q, b[1]), (b[2], cy), (b[2] - q, b[3]), (b[0] + q, b[3]),
-               (b[0], cy)], fill=fill)
+    d.polygon(
+        [(b[0] + q, b[1]), (b[2] - q, b[1]), (b[2], cy), (b[2] - q, b[3]), (b[0] + q, b[3]), (b[0], cy)],
+        fill=fill,
+    )
 
 
 _DRAWERS: dict[str, Callable[[ImageDraw.ImageDraw, Box, tuple[int, int, int]], None]] = {
-    "circle": _draw_circle, "square": _draw_square, "triangle": _draw_triangle,
-    "diamond": _draw_diamond, "cross": _draw_cross, "hexagon": _draw_hexagon,
+    "circle": _draw_circle,
+    "square": _draw_square,
+    "triangle": _draw_triangle,
+    "diamond": _draw_diamond,
+    "cross": _draw_cross,
+    "hexagon": _draw_hexagon,
 }
 
 
@@ -192,10 +211,17 @@ def render(variant: ShapesVariant, objects: Iterable[ShapeObject]) -> Image.Imag
 
 VARIANTS: dict[str, ShapesVariant] = {
     "base": ShapesVariant("base", canvas=64, min_objects=1, max_objects=3),
-    "hires": ShapesVariant("hires", canvas=384, min_objects=1, max_objects=3,
-                           sizes=(("small", (8, 10)), ("large", (13, 15))), gap=4),
-    "many": ShapesVariant("many", canvas=160, min_objects=6, max_objects=12,
-                          sizes=(("small", (9, 11)), ("large", (15, 18)))),
+    "hires": ShapesVariant(
+        "hires",
+        canvas=384,
+        min_objects=1,
+        max_objects=3,
+        sizes=(("small", (8, 10)), ("large", (13, 15))),
+        gap=4,
+    ),
+    "many": ShapesVariant(
+        "many", canvas=160, min_objects=6, max_objects=12, sizes=(("small", (9, 11)), ("large", (15, 18)))
+    ),
 }
 
 
@@ -243,8 +269,9 @@ def _place_objects(rng: random.Random, v: ShapesVariant, n: int, side: str) -> l
     """``n`` non-overlapping objects with distinct (color, shape); a lone object lies fully on ``side``."""
     combos = rng.sample([(s, c) for s in v.shapes for c in v.colors], n)
     sizes = [rng.choice(v.sizes) for _ in range(n)]
-    items = sorted(((rng.randint(*r), s, c, name) for (s, c), (name, r) in zip(combos, sizes, strict=True)),
-                   reverse=True)
+    items = sorted(
+        ((rng.randint(*r), s, c, name) for (s, c), (name, r) in zip(combos, sizes, strict=True)), reverse=True
+    )
     placed: list[ShapeObject] = []
     for extent, shape, color, size in items:  # largest first packs best
         xlo, xhi = _x_range(v, extent, side if n == 1 else None)
@@ -332,10 +359,16 @@ def _position_qa(rng: random.Random, v: ShapesVariant, objs: Sequence[ShapeObjec
     return QA("position", f"Is the {a.name} to the left or right of the {b.name}?", side)
 
 
-def _make_qa(rng: random.Random, v: ShapesVariant, objs: list[ShapeObject], yes: bool,
-             side: str) -> dict[str, QA] | None:
-    qas = (_color_qa(rng, objs), _shape_qa(rng, objs), _count_qa(rng, v, objs),
-           _exist_qa(rng, v, objs, yes), _position_qa(rng, v, objs, side))
+def _make_qa(
+    rng: random.Random, v: ShapesVariant, objs: list[ShapeObject], yes: bool, side: str
+) -> dict[str, QA] | None:
+    qas = (
+        _color_qa(rng, objs),
+        _shape_qa(rng, objs),
+        _count_qa(rng, v, objs),
+        _exist_qa(rng, v, objs, yes),
+        _position_qa(rng, v, objs, side),
+    )
     return None if any(q is None for q in qas) else {q.type: q for q in qas if q}
 
 
@@ -402,9 +435,13 @@ def _turn_types(rng: random.Random, n_scenes: int, types: tuple[str, ...], k: in
         yield [deck.pop()]
 
 
-def iter_samples(scenes: Sequence[ShapesScene], questions_per_image: int | None = 1,
-                 types: Iterable[str] | None = None, caption: bool = False,
-                 rng_seed: int = 0) -> Iterator[dict[str, Any]]:
+def iter_samples(
+    scenes: Sequence[ShapesScene],
+    questions_per_image: int | None = 1,
+    types: Iterable[str] | None = None,
+    caption: bool = False,
+    rng_seed: int = 0,
+) -> Iterator[dict[str, Any]]:
     """Lazy version of :func:`to_samples` (renders one image at a time)."""
     types = tuple(types) if types is not None else QUESTION_TYPES
     if unknown := set(types) - set(QUESTION_TYPES):
@@ -419,15 +456,27 @@ def iter_samples(scenes: Sequence[ShapesScene], questions_per_image: int | None 
             turns.insert(rng.randint(0, len(turns)), (rng.choice(CAPTION_PROMPTS), scene.caption, "caption"))
         messages: list[dict[str, str]] = []
         for i, (q, a, _) in enumerate(turns):
-            messages += [{"role": "user", "content": f"{IMAGE_TOKEN}\n{q}" if i == 0 else q},
-                         {"role": "assistant", "content": a}]
-        meta = {"types": [t for *_, t in turns], "answers": [a for _, a, _ in turns], "seed": scene.seed,
-                "variant": scene.variant, "source": "shapes"}
+            messages += [
+                {"role": "user", "content": f"{IMAGE_TOKEN}\n{q}" if i == 0 else q},
+                {"role": "assistant", "content": a},
+            ]
+        meta = {
+            "types": [t for *_, t in turns],
+            "answers": [a for _, a, _ in turns],
+            "seed": scene.seed,
+            "variant": scene.variant,
+            "source": "shapes",
+        }
         yield {"id": scene.id, "images": [scene.image()], "messages": messages, "meta": meta}
 
 
-def to_samples(scenes: Sequence[ShapesScene], questions_per_image: int | None = 1,
-               types: Iterable[str] | None = None, caption: bool = False, rng_seed: int = 0) -> list[dict]:
+def to_samples(
+    scenes: Sequence[ShapesScene],
+    questions_per_image: int | None = 1,
+    types: Iterable[str] | None = None,
+    caption: bool = False,
+    rng_seed: int = 0,
+) -> list[dict]:
     """Common sample records, one per scene (``questions_per_image=None``: one turn per type).
 
     ``{"id", "images": [PIL.Image], "messages": [{"role", "content"}, ...], "meta": {"types", ...}}``; only
@@ -469,7 +518,8 @@ def export_datasets(scenes: Sequence[ShapesScene], out_dir: str | Path, **to_sam
         rows["image"].append({"bytes": buf.getvalue(), "path": None})
         rows["messages"].append(s["messages"])
     message = {"role": datasets.Value("string"), "content": datasets.Value("string")}
-    features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
-                                  "messages": datasets.List(message)})
+    features = datasets.Features(
+        {"id": datasets.Value("string"), "image": datasets.Image(), "messages": datasets.List(message)}
+    )
     datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(out_dir))
     return Path(out_dir)

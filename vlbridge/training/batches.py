@@ -1,4 +1,4 @@
-"""Training batches: samples encoded on first use (then cached), dropped ones counted, padded by index list."""
+"""Training batches: samples encoded once and cached, dropped ones counted, padded by index list."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from ..processing import DropCounter, Encoded, VLProcessor
 class EncodedSamples:
     """Random access to encoded samples (None for a dropped one), cached so each is encoded once."""
 
-    def __init__(self, samples: Sequence[dict], processor: VLProcessor, drops: DropCounter, cache: bool) -> None:
+    def __init__(
+        self, samples: Sequence[dict], processor: VLProcessor, drops: DropCounter, cache: bool
+    ) -> None:
         self.samples, self.processor, self.drops = samples, processor, drops
         self.collate = Collator(processor, drops)
         self._cache: dict[int, Encoded | None] | None = {} if cache else None
@@ -26,6 +28,11 @@ class EncodedSamples:
         if self._cache is not None:
             self._cache[index] = encoded
         return encoded
+
+    def encode_all(self) -> None:
+        """Encode every sample now (small datasets), so the training loop is pure model compute."""
+        for index in range(len(self)):
+            self[index]
 
     def batch(self, indices: list[int]) -> dict | None:
         encoded = [e for e in (self[i] for i in indices) if e is not None]

@@ -16,21 +16,37 @@ def evaluate_and_report(recipe: Recipe, model, processor, train_data, console: C
 
     samples = load_source(recipe.data.eval)
     started = time.perf_counter()
-    result = evaluate_vqa(model, processor, samples, batch_size=recipe.eval.batch_size,
-                          max_new_tokens=recipe.eval.max_new_tokens)
+    result = evaluate_vqa(
+        model,
+        processor,
+        samples,
+        batch_size=recipe.eval.batch_size,
+        max_new_tokens=recipe.eval.max_new_tokens,
+    )
     eval_seconds = time.perf_counter() - started
     baselines = majority_baselines(train_data, samples)
     per_type = result.per_type()
     for t, row in per_type.items():
-        row.update({"majority_answer": baselines.get(t, {}).get("answer"),
-                    "majority_baseline": baselines.get(t, {}).get("accuracy")})
+        row.update(
+            {
+                "majority_answer": baselines.get(t, {}).get("answer"),
+                "majority_baseline": baselines.get(t, {}).get("accuracy"),
+            }
+        )
     examples = save_examples(recipe, samples, result.records[: recipe.eval.examples])
     console.print(results_table(result.accuracy, per_type))
     for ex in examples:
-        console.print(f"example: [bold]{ex['question']}[/] -> {ex['prediction']!r} (reference {ex['answer']!r}); "
-                      f"image {ex['image']}")
-    return {"accuracy": result.accuracy, "per_type": per_type, "n_eval": len(result.records),
-            "eval_seconds": eval_seconds, "examples": examples}
+        console.print(
+            f"example: [bold]{ex['question']}[/] -> {ex['prediction']!r} (reference {ex['answer']!r}); "
+            f"image {ex['image']}"
+        )
+    return {
+        "accuracy": result.accuracy,
+        "per_type": per_type,
+        "n_eval": len(result.records),
+        "eval_seconds": eval_seconds,
+        "examples": examples,
+    }
 
 
 def results_table(overall: float, per_type: dict[str, dict]) -> Table:
@@ -39,8 +55,13 @@ def results_table(overall: float, per_type: dict[str, dict]) -> Table:
         table.add_column(column, justify="left" if column == "question type" else "right")
     for t, row in per_type.items():
         base = row.get("majority_baseline")
-        table.add_row(t, str(row["n"]), f"{row['accuracy']:.1%}", "-" if base is None else f"{base:.1%} "
-                      f"({row['majority_answer']})", "-" if base is None else f"{100 * (row['accuracy'] - base):+.1f}")
+        table.add_row(
+            t,
+            str(row["n"]),
+            f"{row['accuracy']:.1%}",
+            "-" if base is None else f"{base:.1%} ({row['majority_answer']})",
+            "-" if base is None else f"{100 * (row['accuracy'] - base):+.1f}",
+        )
     return table
 
 

@@ -58,7 +58,9 @@ def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path | Non
 
 
 def training_texts(datasets: list) -> list[str]:
-    return [m["content"].replace("<image>", " ") for samples in datasets for s in samples for m in s["messages"]]
+    return [
+        m["content"].replace("<image>", " ") for samples in datasets for s in samples for m in s["messages"]
+    ]
 
 
 def build(recipe: Recipe, stage_data: list, resume_from: Path | None, device: str):
@@ -67,14 +69,22 @@ def build(recipe: Recipe, stage_data: list, resume_from: Path | None, device: st
         model, tokenizer = load_model(resume_from, device=device)
         return model, tokenizer, load_state(resume_from)
     tokenizer = load_tokenizer(recipe.tokenizer, training_texts(stage_data))
-    add_frontend_tokens(tokenizer, FRONTENDS.get(recipe.model.frontend.type).tokens_for(recipe.model.frontend))
+    add_frontend_tokens(
+        tokenizer, FRONTENDS.get(recipe.model.frontend.type).tokens_for(recipe.model.frontend)
+    )
     torch.manual_seed(recipe.seed)
     model = VLModel.from_config(recipe.model, tokenizer, device=device)
     return model, tokenizer, TrainerState()
 
 
-def run_training(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, evaluate: bool = True,
-                 console: Console | None = None) -> dict:
+def run_training(
+    recipe: Recipe,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    evaluate: bool = True,
+    console: Console | None = None,
+) -> dict:
     console = console or Console()
     wall_start = time.perf_counter()
     accelerator = make_accelerator(recipe)
@@ -91,13 +101,20 @@ def run_training(recipe: Recipe, *, resume: bool = False, overwrite: bool = Fals
     trainer = Trainer(recipe, model, processor, stage_data, accelerator, console)
     state = trainer.train(state, resume_from)
     model = accelerator.unwrap_model(trainer.model)
-    summary = {"train_seconds": state.train_seconds, "global_steps": state.global_step,
-               "samples_seen": state.samples_seen, "dropped_samples": trainer.drops.counts}
+    summary = {
+        "train_seconds": state.train_seconds,
+        "data_seconds": trainer.data_seconds,
+        "global_steps": state.global_step,
+        "samples_seen": state.samples_seen,
+        "dropped_samples": trainer.drops.counts,
+    }
     if not accelerator.is_main_process:
         return summary
     save_model(model, run_dir / MODEL_DIR, tokenizer)
     if trainer.drops.total:
-        console.print(f"[yellow]dropped {trainer.drops.total} over-long training samples: {trainer.drops.counts}")
+        console.print(
+            f"[yellow]dropped {trainer.drops.total} over-long training samples: {trainer.drops.counts}"
+        )
     if evaluate and recipe.data.eval is not None:
         summary.update(evaluate_and_report(recipe, model, processor, train_data, console))
     summary["wall_seconds"] = time.perf_counter() - wall_start

@@ -68,7 +68,9 @@ def stage_table(stage: StageConfig, reports: list[GroupReport]) -> Table:
     for column in ("module", "mode", "trainable", "frozen", "total"):
         table.add_column(column, justify="right" if column not in ("module", "mode") else "left")
     for r in reports:
-        table.add_row(r.name, r.mode.upper(), f"{r.trainable:,}", f"{r.total - r.trainable:,}", f"{r.total:,}")
+        table.add_row(
+            r.name, r.mode.upper(), f"{r.trainable:,}", f"{r.total - r.trainable:,}", f"{r.total:,}"
+        )
     trainable = sum(r.trainable for r in reports)
     total = sum(r.total for r in reports)
     table.add_row("all", "", f"{trainable:,}", f"{total - trainable:,}", f"{total:,}", style="bold")

@@ -40,6 +40,7 @@ class Trainer:
         self.recipe, self.model, self.processor = recipe, model, processor
         self.stage_data, self.accelerator, self.console = stage_data, accelerator, console
         self.drops = DropCounter()
+        self.data_seconds = 0.0
         self.run_dir = recipe.run_dir
         self.writer = self._tensorboard() if recipe.train.tensorboard else None
 
@@ -61,7 +62,9 @@ class Trainer:
         return state
 
     # -- one stage -------------------------------------------------------------------------
-    def _run_stage(self, index: int, stage: StageConfig, state: TrainerState, resume_from: Path | None) -> None:
+    def _run_stage(
+        self, index: int, stage: StageConfig, state: TrainerState, resume_from: Path | None
+    ) -> None:
         reports = apply_stage(self.model, stage, self.recipe.train.lora)
         if self.accelerator.is_main_process:
             self.console.print(stage_table(stage, reports))
@@ -72,11 +75,15 @@ class Trainer:
         if resume_from is not None and state.stage_step > 0:
             optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", weights_only=True))
             scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=True))
-        data = EncodedSamples(self.stage_data[index], self.processor, self.drops, cache=True)
+        data = self._data(index)
         acc = self.accelerator
-        order = BatchOrder(len(data), stage.batch_size, self.recipe.seed + index, acc.process_index, acc.num_processes)
+        order = BatchOrder(
+            len(data), stage.batch_size, self.recipe.seed + index, acc.process_index, acc.num_processes
+        )
         wrapped, optimizer = acc.prepare(self.model, optimizer)
-        bar = tqdm(total=stage.steps, initial=state.stage_step, desc=stage.name, disable=not acc.is_main_process)
+        bar = tqdm(
+            total=stage.steps, initial=state.stage_step, desc=stage.name, disable=not acc.is_main_process
+        )
         while state.stage_step < stage.steps:
             started = time.perf_counter()
             loss, tokens = self._step(wrapped, optimizer, scheduler, data, order, stage, state)
@@ -85,11 +92,21 @@ class Trainer:
             state.stage_step += 1
             state.global_step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / elapsed:,.0f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.set_postfix(
+                loss=f"{loss:.3f}", tok_s=f"{tokens / elapsed:,.0f}", lr=f"{scheduler.get_last_lr()[0]:.2e}"
+            )
             self._log(state, loss, tokens / elapsed, scheduler.get_last_lr()[0])
             self._maybe_checkpoint(optimizer, scheduler, state, stage)
         bar.close()
         acc.free_memory()
+
+    def _data(self, index: int) -> EncodedSamples:
+        data = EncodedSamples(self.stage_data[index], self.processor, self.drops, cache=True)
+        if self.recipe.train.preencode:
+            started = time.perf_counter()
+            data.encode_all()
+            self.data_seconds += time.perf_counter() - started
+        return data
 
     def _step(self, wrapped, optimizer, scheduler, data, order, stage, state) -> tuple[float, int]:
         """One optimizer step over `grad_accum` micro-batches; returns (mean loss, tokens processed)."""
