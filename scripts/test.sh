@@ -6,4 +6,5 @@ bash scripts/install.sh dev
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 HF_HOME="$(mktemp -d)"
 export HF_HOME
+.venv/bin/ruff check .
 .venv/bin/python -m pytest -q "$@"
