@@ -69,7 +69,6 @@ def evaluate_vqa(
         images = [[load_image(ref, str(s.get("id"))) for ref in s.get("images", [])] for s in chunk]
         batch = processor(prompts, images)
         batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        batch.pop("labels", None)
         new_tokens = model.generate(
             **batch, max_new_tokens=max_new_tokens, do_sample=False, **generation_kwargs(tokenizer)
         )

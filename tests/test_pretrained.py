@@ -65,7 +65,6 @@ def test_build_from_local_pretrained_checkpoints(tmp_path, red_image):
 
     processor = VLProcessor(tokenizer, model.frontend)
     batch = processor([[{"role": "user", "content": "<image>\nWhat color?"}]], [[red_image]])
-    batch.pop("labels")
     model.eval()
     before = model(**batch).logits
     model.save_pretrained(tmp_path / "vl", tokenizer)

@@ -32,7 +32,6 @@ def _chat(args: argparse.Namespace) -> None:
     images = [load_image(p, "command line") for p in args.image]
     content = "".join("<image>\n" for _ in images) + args.prompt
     batch = processor([[{"role": "user", "content": content}]], [images])
-    batch.pop("labels")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     sampling = (

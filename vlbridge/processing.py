@@ -156,7 +156,9 @@ class VLProcessor:
             self.encode(m, imgs, add_generation_prompt=True, sample_id=str(i))
             for i, (m, imgs) in enumerate(zip(conversations, images, strict=True))
         ]
-        return pad_batch(encoded, self.tokenizer.pad_token_id, self.frontend, side="left")
+        batch = pad_batch(encoded, self.tokenizer.pad_token_id, self.frontend, side="left")
+        del batch["labels"]
+        return batch
 
 
 def pad_batch(samples: list[Encoded], pad_id: int, frontend: Frontend, side: str = "right") -> dict:

@@ -27,7 +27,6 @@ def test_merged_model_matches_base_plus_adapter(tmp_path, recipe_tree, red_image
     perturb_trainable(model)
     model.eval()
     batch = processor([[{"role": "user", "content": "<image>\nWhat color is the circle?"}]], [[red_image]])
-    batch.pop("labels")
     with_adapter = model(**batch).logits
 
     save_model(model, tmp_path / "adapter", tokenizer)

@@ -38,14 +38,14 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
 
 
-def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path | None:
-    """Refuse to clobber an earlier run's checkpoints unless asked; return the checkpoint to resume from."""
+def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber an earlier run's checkpoints unless asked (main process only)."""
     run_dir = recipe.run_dir
     found = latest_checkpoint(run_dir)
     if resume:
         if found is None:
             raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} (set train.save_every)")
-        return found
+        return
     if (found is not None or (run_dir / MODEL_DIR).exists()) and not overwrite:
         raise ConfigError(
             f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to start over, "
@@ -54,7 +54,8 @@ def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path | Non
     if overwrite:
         for name in ("checkpoints", MODEL_DIR):
             shutil.rmtree(run_dir / name, ignore_errors=True)
-    return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_recipe(recipe, run_dir / "recipe.yaml")
 
 
 def training_texts(datasets: list) -> list[str]:
@@ -89,11 +90,10 @@ def run_training(
     wall_start = time.perf_counter()
     accelerator = make_accelerator(recipe)
     run_dir = recipe.run_dir
-    resume_from = prepare_run_dir(recipe, resume, overwrite) if accelerator.is_main_process else None
-    resume_from = latest_checkpoint(run_dir) if resume else resume_from
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_recipe(recipe, run_dir / "recipe.yaml")
+        prepare_run_dir(recipe, resume, overwrite)
+    accelerator.wait_for_everyone()
+    resume_from = latest_checkpoint(run_dir) if resume else None
     train_data = load_source(recipe.data.train)
     stage_data = [load_source(s.data) if s.data is not None else train_data for s in recipe.train.stages]
     model, tokenizer, state = build(recipe, stage_data, resume_from, str(accelerator.device))
@@ -119,5 +119,10 @@ def run_training(
         summary.update(evaluate_and_report(recipe, model, processor, train_data, console))
     summary["wall_seconds"] = time.perf_counter() - wall_start
     (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
+    console.print(
+        f"training wall time {summary['train_seconds']:.1f} s ({state.global_step} steps, "
+        f"{state.samples_seen:,} samples); data encoding {summary['data_seconds']:.1f} s; "
+        f"whole command {summary['wall_seconds']:.1f} s"
+    )
     console.print(f"model saved to {run_dir / MODEL_DIR}; results in {run_dir / 'results.json'}")
     return summary
