@@ -67,7 +67,7 @@ def write_model_files(model, out: Path, tokenizer=None) -> None:
         tokenizer.save_pretrained(str(out))
 
 
-def load_model(path, *, device: str = "cpu"):
+def load_model(path, *, device: str = "cpu", dtype=None):
     """(VLModel, tokenizer) from a checkpoint directory written by `save_model`."""
     from transformers import AutoTokenizer
 
@@ -84,7 +84,7 @@ def load_model(path, *, device: str = "cpu"):
         if local.exists():
             config.llm.name_or_path = str(local)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = VLModel.from_config(config, tokenizer, device=device, load_weights=False)
+    model = VLModel.from_config(config, tokenizer, device=device, dtype=dtype, load_weights=False)
     state = load_file(str(path / FRONTEND_FILE), device=str(device))
     model.frontend.load_state_dict(state, strict=True)
     adapters = path / "adapters"

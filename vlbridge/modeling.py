@@ -24,11 +24,11 @@ def text_config_of(llm: PreTrainedModel):
     return llm.config.get_text_config()
 
 
-def build_llm(config: VLConfig, tokenizer, device: str = "cpu") -> PreTrainedModel:
+def build_llm(config: VLConfig, tokenizer, device: str = "cpu", dtype: torch.dtype | None = None):
     """The causal LM: pretrained (name/path) or from a config dict sized to the tokenizer."""
     cfg = config.llm
     kwargs = {"attn_implementation": choose_attention(cfg.attn_implementation, device)}
-    dtype = choose_dtype(cfg.dtype, device)
+    dtype = dtype or choose_dtype(cfg.dtype, device)
     if cfg.name_or_path is not None:
         llm = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, **kwargs, **cfg.config)
     else:
@@ -52,9 +52,20 @@ class VLModel(nn.Module):
         self.frontend = frontend
 
     @classmethod
-    def from_config(cls, config: VLConfig, tokenizer, *, device: str = "cpu", load_weights: bool = True):
-        """Build a fresh model; the tokenizer must already hold the front-end's special tokens."""
-        llm = build_llm(config, tokenizer, device)
+    def from_config(
+        cls,
+        config: VLConfig,
+        tokenizer,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        load_weights: bool = True,
+    ):
+        """Build a fresh model; the tokenizer must already hold the front-end's special tokens.
+
+        `dtype` overrides the config's choice (training keeps fp32 master weights under autocast).
+        """
+        llm = build_llm(config, tokenizer, device, dtype)
         frontend_cls = FRONTENDS.get(config.frontend.type)
         frontend = frontend_cls(config.frontend, text_config_of(llm), load_weights=load_weights)
         frontend.bind_tokenizer(tokenizer)

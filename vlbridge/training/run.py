@@ -65,16 +65,19 @@ def training_texts(datasets: list) -> list[str]:
 
 
 def build(recipe: Recipe, stage_data: list, resume_from: Path | None, device: str):
-    """(model, tokenizer, state): fresh from the recipe, or exactly as the checkpoint left them."""
+    """(model, tokenizer, state): fresh from the recipe, or exactly as the checkpoint left them.
+
+    Weights are fp32 masters whatever the device; on GPU, accelerate runs the math under bf16 autocast.
+    """
     if resume_from is not None:
-        model, tokenizer = load_model(resume_from, device=device)
+        model, tokenizer = load_model(resume_from, device=device, dtype=torch.float32)
         return model, tokenizer, load_state(resume_from)
     tokenizer = load_tokenizer(recipe.tokenizer, training_texts(stage_data))
     add_frontend_tokens(
         tokenizer, FRONTENDS.get(recipe.model.frontend.type).tokens_for(recipe.model.frontend)
     )
     torch.manual_seed(recipe.seed)
-    model = VLModel.from_config(recipe.model, tokenizer, device=device)
+    model = VLModel.from_config(recipe.model, tokenizer, device=device, dtype=torch.float32)
     return model, tokenizer, TrainerState()
 
 
