@@ -199,3 +199,15 @@ def test_wrong_image_token_count_is_a_data_error(family_vl, red_image):
         model(ids, batch["attention_mask"], None)
     with pytest.raises(DataError, match="one marker per image"):
         processor.encode(chat("<image> twice?"), [red_image])
+
+
+def test_connector_position_embedding_marks_each_visual_slot(red_image):
+    """The same features at two grid positions become different LLM inputs only with the embedding on."""
+    from vlbridge.testing import tiny_model as build
+
+    for enabled in (False, True):
+        model, _, _ = build("llama", "convnext", frontend={"connector": {"position_embedding": enabled}})
+        channels = model.frontend.connector.proj[0].in_features // 4  # the tiny config merges 2x2
+        out = model.frontend.connector(torch.ones(1, 16, channels), (4, 4))  # the same features everywhere
+        assert out.shape[1] == model.frontend.num_image_tokens() == 4
+        assert torch.equal(out[0, 0], out[0, 3]) is not enabled

@@ -65,6 +65,7 @@ class ConnectorConfig(Strict):
 
     type: str = "mlp2x_gelu"
     merge: int = Field(default=1, ge=1)
+    position_embedding: bool = False  # learned per-token embedding: CNN towers carry no absolute position
 
 
 class ImageConfig(Strict):

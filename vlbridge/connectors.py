@@ -34,14 +34,25 @@ def merge_neighbours(features: torch.Tensor, grid: tuple[int, int], k: int) -> t
 
 
 class Connector(nn.Module):
-    """Optional k x k token merging followed by the registered projection."""
+    """Optional k x k token merging, the registered projection, optional learned position embedding."""
 
-    def __init__(self, cfg: ConnectorConfig, in_dim: int, out_dim: int) -> None:
+    def __init__(self, cfg: ConnectorConfig, in_dim: int, out_dim: int, num_tokens: int) -> None:
         super().__init__()
         self.merge = cfg.merge
         self.proj = CONNECTORS.get(cfg.type)(in_dim * cfg.merge**2, out_dim)
+        self.position = (
+            nn.Parameter(0.02 * torch.randn(num_tokens, out_dim)) if cfg.position_embedding else None
+        )
 
     def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         if self.merge > 1:
             features = merge_neighbours(features, grid, self.merge)
-        return self.proj(features)  # [B, N', D]
+        out = self.proj(features)  # [B, N', D]
+        if self.position is not None:
+            if out.shape[1] != self.position.shape[0]:
+                raise ConfigError(
+                    f"connector.position_embedding was sized for {self.position.shape[0]} tokens but the "
+                    f"tower gave {out.shape[1]}; keep the image size fixed or turn the embedding off"
+                )
+            out = out + self.position
+        return out

@@ -46,7 +46,7 @@ class LlavaFrontend(Frontend):
             resample=config.image.resample,
         )
         channels, self._grid = self._probe_tower(size)
-        self.connector = Connector(config.connector, channels, self.text_hidden_size)
+        self.connector = Connector(config.connector, channels, self.text_hidden_size, self._tokens_per_image)
 
     @torch.no_grad()
     def _probe_tower(self, size: int) -> tuple[int, tuple[int, int]]:
