@@ -208,6 +208,7 @@ def test_connector_position_embedding_marks_each_visual_slot(red_image):
     for enabled in (False, True):
         model, _, _ = build("llama", "convnext", frontend={"connector": {"position_embedding": enabled}})
         channels = model.frontend.connector.proj[0].in_features // 4  # the tiny config merges 2x2
-        out = model.frontend.connector(torch.ones(1, 16, channels), (4, 4))  # the same features everywhere
-        assert out.shape[1] == model.frontend.num_image_tokens() == 4
+        side = int((4 * model.frontend.num_image_tokens()) ** 0.5)
+        out = model.frontend.connector(torch.ones(1, side * side, channels), (side, side))  # same everywhere
+        assert out.shape[1] == model.frontend.num_image_tokens()
         assert torch.equal(out[0, 0], out[0, 3]) is not enabled
