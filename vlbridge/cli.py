@@ -30,7 +30,16 @@ def _chat(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(resolve_checkpoint(args.checkpoint))
     processor = VLProcessor(tokenizer, model.frontend, max_length=model.config.max_length)
     images = [load_image(p, "command line") for p in args.image]
-    content = "".join("<image>\n" for _ in images) + args.prompt
+    marks = "\n".join("<image>" for _ in images)
+    content = (
+        args.prompt
+        if not images
+        else (
+            f"{marks}\n{args.prompt}"
+            if model.config.image_position == "before"
+            else f"{args.prompt}\n{marks}"
+        )
+    )
     batch = processor([[{"role": "user", "content": content}]], [images])
     if args.seed is not None:
         torch.manual_seed(args.seed)

@@ -107,4 +107,6 @@ class VLConfig(Strict):
         Field(default_factory=list)
     )
     image_token: str = "<image>"
+    # Where chat front-ends (CLI, server) put images relative to the user's text; match the training data.
+    image_position: Literal["before", "after"] = "before"
     max_length: int = Field(default=2048, ge=8)

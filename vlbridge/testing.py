@@ -38,24 +38,19 @@ TINY_LLM_CONFIGS: dict[str, dict[str, Any]] = {
     "phi3": {**_LLM_COMMON, "original_max_position_embeddings": 512, "sliding_window": None},
 }
 
+_TINY_VIT: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 8,
+}
+
 # transformers `model_type` -> config kwargs for a tiny random vision tower on 32x32 images.
 TINY_TOWER_CONFIGS: dict[str, dict[str, Any]] = {
-    "clip_vision_model": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "image_size": 32,
-        "patch_size": 8,
-    },
-    "siglip_vision_model": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "image_size": 32,
-        "patch_size": 8,
-    },
+    "clip_vision_model": {**_TINY_VIT},
+    "siglip_vision_model": {**_TINY_VIT},
     "convnext": {
         "num_channels": 3,
         "num_stages": 2,

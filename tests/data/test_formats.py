@@ -352,3 +352,15 @@ def test_bad_messages(tmp_path) -> None:
         DataError, match="sample r2: record has no 'conversations' field; it has id, messages"
     ):
         load_source(LlavaJsonConfig(path=str(path)))[0]
+
+
+def test_shapes_source_can_put_the_question_before_the_image():
+    from vlbridge.data.formats import ShapesSourceConfig, load_source
+
+    first = load_source(ShapesSourceConfig(n=4))
+    after = load_source(ShapesSourceConfig(n=4, image_first=False))
+    for a, b in zip(first, after, strict=True):
+        question = a["messages"][0]["content"].removeprefix("<image>\n")
+        assert a["messages"][0]["content"] == f"<image>\n{question}"
+        assert b["messages"][0]["content"] == f"{question}\n<image>"
+        assert a["messages"][1:] == b["messages"][1:]

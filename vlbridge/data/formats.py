@@ -227,6 +227,7 @@ class ShapesSourceConfig(DataSourceConfig):
     seed: int = 0
     questions_per_image: int | None = 1
     caption: bool = False
+    image_first: bool = True  # False puts the question before the image, so image tokens can attend to it
 
 
 @DATA_FORMATS.register("shapes", config=ShapesSourceConfig)
@@ -235,9 +236,14 @@ def shapes(cfg: ShapesSourceConfig) -> Sequence[dict]:
     from . import shapes as shapes_data
 
     scenes = shapes_data.generate(cfg.variant, cfg.split, cfg.n, seed=cfg.seed)
-    return shapes_data.to_samples(
+    samples = shapes_data.to_samples(
         scenes, questions_per_image=cfg.questions_per_image, caption=cfg.caption, rng_seed=cfg.seed
     )
+    if not cfg.image_first:
+        for sample in samples:
+            first = sample["messages"][0]
+            first["content"] = first["content"].replace(f"{IMAGE_TOKEN}\n", "", 1) + f"\n{IMAGE_TOKEN}"
+    return samples
 
 
 def load_source(cfg: DataSourceConfig) -> Sequence[dict]:
