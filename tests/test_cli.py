@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from vlbridge.checkpoint import save_model
@@ -39,3 +41,12 @@ def test_user_errors_are_one_line(checkpoint, tmp_path, capsys, args, message):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_overrides_after_flags_reach_the_recipe(capsys):
+    recipe = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
+    assert main(["train", str(recipe), "--no-eval", "model.llm.bogus_key=1"]) == 2
+    assert "bogus_key" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", str(recipe), "--bogus-flag"])
+    assert "unrecognized arguments: --bogus-flag" in capsys.readouterr().err

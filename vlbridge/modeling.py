@@ -50,6 +50,7 @@ class VLModel(nn.Module):
         self.config = config
         self.language_model = language_model
         self.frontend = frontend
+        frontend.attach(language_model)
 
     @classmethod
     def from_config(
@@ -138,10 +139,14 @@ class VLModel(nn.Module):
     def generate(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, pixel_values=None, **kwargs
     ) -> torch.Tensor:
-        """New tokens only, [B, T_new]. Prompts must be left-padded (VLProcessor does that)."""
+        """New tokens only, [B, T_new]. Prompts must be left-padded (VLProcessor does that).
+
+        The front-end's special tokens (image placeholders, markers) are never generated.
+        """
         inputs_embeds = self.embed(input_ids, pixel_values)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        kwargs.setdefault("suppress_tokens", self.frontend.special_token_ids)
         return self.language_model.generate(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
         )

@@ -8,6 +8,7 @@ a second, so behaviour that must hold for every family can be checked without do
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -92,16 +93,30 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _tiny_vision(tower: str) -> dict[str, Any]:
+    return {"model_type": tower, "config": copy.deepcopy(TINY_TOWER_CONFIGS[tower])}
+
+
+# front-end type -> its tiny config for a given tower (front-ends without a tower ignore it).
+TINY_FRONTEND_CONFIGS: dict[str, Callable[[str], dict[str, Any]]] = {
+    "llava": lambda tower: {
+        "type": "llava",
+        "vision": _tiny_vision(tower),
+        "connector": {"type": "mlp2x_gelu", "merge": 2},
+        "image": {"size": TINY_IMAGE_SIZE},
+    },
+}
+
+
 def tiny_vl_config(family: str = "llama", tower: str = "clip_vision_model", **overrides: Any) -> VLConfig:
-    """A fresh VLConfig for a tiny `family` LLM + `tower` LLaVA front-end; overrides merge recursively."""
+    """A fresh VLConfig for a tiny `family` LLM + front-end over `tower`; overrides merge recursively.
+
+    `frontend={"type": "solo", ...}` starts from that front-end's tiny config (default `llava`).
+    """
+    frontend = overrides.get("frontend", {}).get("type", "llava")
     raw = {
         "llm": {"model_type": family, "config": copy.deepcopy(TINY_LLM_CONFIGS[family])},
-        "frontend": {
-            "type": "llava",
-            "vision": {"model_type": tower, "config": copy.deepcopy(TINY_TOWER_CONFIGS[tower])},
-            "connector": {"type": "mlp2x_gelu", "merge": 2},
-            "image": {"size": TINY_IMAGE_SIZE},
-        },
+        "frontend": TINY_FRONTEND_CONFIGS[frontend](tower),
         "max_length": 256,
     }
     return VLConfig.model_validate(_merge(raw, overrides))
@@ -115,7 +130,11 @@ def tiny_tokenizer(config: VLConfig | None = None, vocab_size: int = 300):
 
 
 def tiny_model(
-    family: str = "llama", tower: str = "clip_vision_model", *, seed: int = 0, **overrides: Any
+    family: str = "llama",
+    tower: str = "clip_vision_model",
+    *,
+    seed: int = 0,
+    **overrides: Any,
 ) -> tuple[VLModel, Any, VLProcessor]:
     """(model in eval mode, tokenizer, processor), with weights fixed by `seed`."""
     config = tiny_vl_config(family, tower, **overrides)

@@ -94,6 +94,8 @@ class VisionTower(nn.Module):
         return getattr(self.hf_config, "image_size", None)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        if self.family.layout == "grid":  # oneDNN convolutions run ~15% faster on channels-last input
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         out = self.model(pixel_values=pixel_values, output_hidden_states=True)
         hidden = out.hidden_states[self.cfg.feature_layer]
         if self.family.layout == "grid":  # [B, C, H, W] -> [B, H*W, C]

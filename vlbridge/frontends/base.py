@@ -17,7 +17,9 @@ class Frontend(nn.Module, ABC):
     """Turns images into something the LLM consumes.
 
     Early-fusion front-ends splice embeddings into `inputs_embeds` at placeholder tokens; the
-    default `embed` does that with one `masked_scatter` after a strict count check.
+    default `embed` does that with one `masked_scatter` after a strict count check. Late-fusion
+    front-ends also hook into the LLM in `attach`; `embed` runs before every LLM call (training
+    forward, generation prefill), so it is where they set the visual memory those hooks read.
     """
 
     image_token: str = "<image>"
@@ -27,6 +29,7 @@ class Frontend(nn.Module, ABC):
         self.config = config
         self.text_hidden_size = text_config.hidden_size
         self.image_token_id: int | None = None
+        self.special_token_ids: list[int] = []
 
     # -- processing side -------------------------------------------------------------------
     @property
@@ -48,6 +51,10 @@ class Frontend(nn.Module, ABC):
 
     def bind_tokenizer(self, tokenizer) -> None:
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.special_token_ids = tokenizer.convert_tokens_to_ids(self.special_tokens())
+
+    def attach(self, language_model: nn.Module) -> None:
+        """Install hooks inside the LLM (late fusion); early-fusion front-ends need none."""
 
     def placeholder(self, pixels: torch.Tensor) -> str:
         """The text that stands for one processed image after `<image>` expansion."""
