@@ -70,6 +70,12 @@ def _data(args: argparse.Namespace) -> None:
     print(export(scenes, args.out, questions_per_image=args.questions_per_image))
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from .eval.bench import run_bench
+
+    run_bench(args.config, args.overrides, args.output)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlbridge", description="Vision-language models over any HF causal LLM."
@@ -99,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out")
     export.add_argument("--merge-lora", action="store_true")
     export.set_defaults(func=_export)
+
+    bench = sub.add_parser("bench", help="measure efficiency of model configurations side by side")
+    bench.add_argument("config", help="benchmark YAML, e.g. eval/benchmarks/frontends.yaml")
+    bench.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. repeats=5")
+    bench.add_argument("--output", help="output directory (default runs/bench/<name>)")
+    bench.set_defaults(func=_bench)
 
     data = sub.add_parser("data", help="export the synthetic shapes dataset to LLaVA JSON or a datasets dir")
     data.add_argument("out")

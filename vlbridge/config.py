@@ -40,6 +40,17 @@ def dispatch_on_type(registry: Registry[Any], base: type[Typed]):
     return BeforeValidator(validate)
 
 
+def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: nested dicts are merged, everything else replaced."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 class LLMConfig(Strict):
     """Which causal LLM to wrap: a hub id / local path, or a transformers config built from scratch."""
 

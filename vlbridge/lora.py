@@ -10,10 +10,25 @@ from torch import nn
 from .errors import ConfigError
 
 _PEFT_PREFIX = re.compile(r"base_model\.model\.")
+_ADAPTER_TAGS = ("lora_", "trainable_tokens_")  # LoRA matrices; per-token embedding deltas
 
 
-def lora_config(r: int, alpha: float, dropout: float, target_modules) -> LoraConfig:
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none")
+def lora_config(
+    r: int, alpha: float, dropout: float, target_modules, trainable_tokens: list[int] | None = None
+) -> LoraConfig:
+    """`trainable_tokens`: embedding rows trained alongside LoRA (new tokens a front-end gave meaning)."""
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        bias="none",
+        trainable_token_indices=list(trainable_tokens) if trainable_tokens else None,
+    )
+
+
+def is_adapter_param(name: str) -> bool:
+    return any(tag in name for tag in _ADAPTER_TAGS)
 
 
 def wrap(module: nn.Module, config: LoraConfig, group: str) -> PeftModel:
@@ -30,12 +45,13 @@ def wrap(module: nn.Module, config: LoraConfig, group: str) -> PeftModel:
 
 
 def clean_state_dict(module: nn.Module) -> dict:
-    """State dict with every LoRA parameter dropped and PEFT's renaming undone (base weights only)."""
+    """State dict with every adapter parameter dropped and PEFT's renaming undone (base weights only)."""
     clean = {}
     for key, value in module.state_dict().items():
-        if "lora_" in key:
+        if is_adapter_param(key):
             continue
-        clean[_PEFT_PREFIX.sub("", key, count=1).replace(".base_layer.", ".")] = value
+        key = key.replace(".token_adapter.base_layer.", ".").replace(".base_layer.", ".")
+        clean[_PEFT_PREFIX.sub("", key, count=1)] = value
     return clean
 
 

@@ -101,8 +101,11 @@ class VLProcessor:
         pixels = [self.frontend.image_processor(image) for image in images]
         text, spans = self._expand(text, spans, pixels)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        image_ids = set(self.image_ids())  # never targets, even inside an assistant reply
         labels = [
-            tok if any(s < end and e > start for start, end in spans) else IGNORE_INDEX
+            tok
+            if tok not in image_ids and any(s < end and e > start for start, end in spans)
+            else IGNORE_INDEX
             for tok, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
         ]
         return Encoded(list(enc["input_ids"]), labels, pixels)

@@ -7,10 +7,10 @@ the edge; errors name the key and the value seen. The resolved recipe is saved i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import Field, SerializeAsAny, ValidationError, field_validator
+from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, field_validator
 
 from .config import Strict, TokenizerConfig, VLConfig, dispatch_on_type
 from .data.formats import DataSourceConfig
@@ -19,6 +19,7 @@ from .registry import DATA_FORMATS
 
 DataSource = Annotated[SerializeAsAny[DataSourceConfig], dispatch_on_type(DATA_FORMATS, DataSourceConfig)]
 Mode = Literal["frozen", "lora", "full"]
+M = TypeVar("M", bound=BaseModel)
 
 
 class LoRASettings(Strict):
@@ -116,8 +117,8 @@ def apply_override(tree: dict, dotted: str) -> None:
             node = node[part]
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid recipe {source}:"]
+def format_validation_error(err: ValidationError, source: str, what: str = "recipe") -> str:
+    lines = [f"invalid {what} {source}:"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         seen = e.get("input")
@@ -126,17 +127,27 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def load_yaml_config(
+    path: str | Path, cls: type[M], overrides: list[str] | None = None, what: str = "recipe"
+) -> M:
+    """A YAML file with `key.sub=value` overrides applied, validated as `cls`; failures are ConfigErrors."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"recipe file not found: {path}")
+        raise ConfigError(f"{what} file not found: {path}")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
     for item in overrides or []:
         apply_override(tree, item)
-    return parse_recipe(tree, str(path))
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, str(path), what)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    return load_yaml_config(path, Recipe, overrides)
 
 
 def parse_recipe(tree: dict, source: str = "<dict>") -> Recipe:

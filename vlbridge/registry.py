@@ -69,6 +69,9 @@ DATA_FORMATS: Registry[Any] = Registry("data format")
 
 _BUILTIN_MODULES = (
     "vlbridge.frontends",
+    "vlbridge.frontends.adem_vl",
+    "vlbridge.frontends.inf_llava",
+    "vlbridge.frontends.solo",
     "vlbridge.connectors",
     "vlbridge.vision_towers",
     "vlbridge.reducers",

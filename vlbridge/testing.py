@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from .config import VLConfig
+from .config import VLConfig, deep_merge
 from .modeling import VLModel
 from .processing import VLProcessor
-from .registry import FRONTENDS
+from .registry import FRONTENDS, VISION_TOWERS
 from .tokenization import add_frontend_tokens, train_bpe
 
 _LLM_COMMON: dict[str, Any] = {
@@ -82,29 +82,41 @@ _TEXTS = [
 ]
 
 
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge: nested dicts are merged, everything else replaced."""
-    out = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def _tiny_vision(tower: str) -> dict[str, Any]:
     return {"model_type": tower, "config": copy.deepcopy(TINY_TOWER_CONFIGS[tower])}
 
 
 # front-end type -> its tiny config for a given tower (front-ends without a tower ignore it).
 TINY_FRONTEND_CONFIGS: dict[str, Callable[[str], dict[str, Any]]] = {
+    # Scales 16 + 4 = 20 visual features fit a ViT's 4x4 grid and a CNN's 8x8 map; ViTs get adapters, and
+    # towers without a CLS token use the mean patch feature (feature_select 'patch').
+    "adem_vl": lambda tower: {
+        "type": "adem_vl",
+        "vision": {
+            **_tiny_vision(tower),
+            "feature_select": "cls_patch" if VISION_TOWERS.get(tower).has_cls else "patch",
+        },
+        "tower_adapters": {"dim": 4} if VISION_TOWERS.get(tower).layout == "tokens" else None,
+        "scales": [16, 4],
+        "projector_dim": 16,
+        "image": {"size": TINY_IMAGE_SIZE},
+    },
     "llava": lambda tower: {
         "type": "llava",
         "vision": _tiny_vision(tower),
         "connector": {"type": "mlp2x_gelu", "merge": 2},
         "image": {"size": TINY_IMAGE_SIZE},
     },
+    # 3x3 crops of 32-px views (96-px images); a tiny ViT's 4x4 grid is 4 tokens after the 2x2 merge.
+    "inf_llava": lambda tower: {
+        "type": "inf_llava",
+        "vision": _tiny_vision(tower),
+        "connector": {"type": "mlp2x_gelu", "merge": 2},
+        "image": {"size": TINY_IMAGE_SIZE},
+        "dem_heads": 2,
+    },
+    # 8-px patches: a 32x32 image is a 4x4 grid (21 tokens), a 48x40 one 6x5 (36 tokens).
+    "solo": lambda tower: {"type": "solo", "patch_size": 8, "max_side": 48},
 }
 
 
@@ -119,7 +131,7 @@ def tiny_vl_config(family: str = "llama", tower: str = "clip_vision_model", **ov
         "frontend": TINY_FRONTEND_CONFIGS[frontend](tower),
         "max_length": 256,
     }
-    return VLConfig.model_validate(_merge(raw, overrides))
+    return VLConfig.model_validate(deep_merge(raw, overrides))
 
 
 def tiny_tokenizer(config: VLConfig | None = None, vocab_size: int = 300):

@@ -211,6 +211,15 @@ def test_to_samples_single_and_multi_turn() -> None:
         S.to_samples(scenes, questions_per_image=0)
 
 
+def test_repeated_types_weight_the_mix() -> None:
+    scenes = S.generate("base", "val", 30)
+    mix = ("position", "position", "shape")
+    samples = S.to_samples(scenes, types=mix)
+    assert Counter(s["meta"]["types"][0] for s in samples) == {"position": 20, "shape": 10}
+    with pytest.raises(ValueError, match="weighted mix"):
+        S.to_samples(scenes, questions_per_image=2, types=mix)
+
+
 def test_export_llava_round_trip(tmp_path) -> None:
     scenes = S.generate("base", "test", 6)
     path = S.export_llava(scenes, tmp_path / "llava", questions_per_image=2)

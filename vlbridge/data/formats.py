@@ -226,6 +226,7 @@ class ShapesSourceConfig(DataSourceConfig):
     n: int = 1000
     seed: int = 0
     questions_per_image: int | None = 1
+    types: list[str] | None = None  # question types dealt in rounds; list one twice to ask it twice as often
     caption: bool = False
     image_first: bool = True  # False puts the question before the image, so image tokens can attend to it
 
@@ -237,7 +238,11 @@ def shapes(cfg: ShapesSourceConfig) -> Sequence[dict]:
 
     scenes = shapes_data.generate(cfg.variant, cfg.split, cfg.n, seed=cfg.seed)
     samples = shapes_data.to_samples(
-        scenes, questions_per_image=cfg.questions_per_image, caption=cfg.caption, rng_seed=cfg.seed
+        scenes,
+        questions_per_image=cfg.questions_per_image,
+        types=cfg.types,
+        caption=cfg.caption,
+        rng_seed=cfg.seed,
     )
     if not cfg.image_first:
         for sample in samples:

@@ -424,7 +424,8 @@ def majority_baseline(scenes: Sequence[ShapesScene], question_type: str) -> tupl
 
 
 def _turn_types(rng: random.Random, n_scenes: int, types: tuple[str, ...], k: int) -> Iterator[list[str]]:
-    """k distinct types per scene in random order; k == 1 deals types in shuffled rounds (balanced)."""
+    """k distinct types per scene in random order; k == 1 deals types in shuffled rounds (balanced, or
+    weighted when a type is listed several times)."""
     deck: list[str] = []
     for _ in range(n_scenes):
         if k != 1:
@@ -447,6 +448,8 @@ def iter_samples(
     if unknown := set(types) - set(QUESTION_TYPES):
         raise ValueError(f"unknown question types {sorted(unknown)}")
     k = len(types) if questions_per_image is None else questions_per_image
+    if len(set(types)) < len(types) and k != 1:
+        raise ValueError("repeated question types (a weighted mix) need questions_per_image=1")
     if not 0 <= k <= len(types) or k + caption == 0:
         raise ValueError(f"questions_per_image must be in [0, {len(types)}] (and >0 unless caption=True)")
     rng = random.Random(rng_seed)

@@ -72,6 +72,11 @@ class Frontend(nn.Module, ABC):
         """Named parts a training stage can freeze, LoRA-wrap or train fully -> attribute path."""
         return {}
 
+    def trained_token_ids(self) -> list[int]:
+        """Added tokens whose LLM embedding rows carry meaning, so they train even under LoRA on the LLM
+        (PEFT trainable tokens). Placeholders that `embed` overwrites need none."""
+        return []
+
     def resolved_config(self) -> FrontendConfig:
         """This front-end's config with every pretrained reference replaced by what a checkpoint holds."""
         return self.config
@@ -87,7 +92,15 @@ class Frontend(nn.Module, ABC):
                     "that VLProcessor returns with the input_ids, or remove the placeholders"
                 )
             return inputs_embeds
-        features = self.encode(pixel_values).to(inputs_embeds.dtype)  # [N_img, T_img, D]
+        return self.scatter(input_ids, inputs_embeds, self.encode(pixel_values))
+
+    def scatter(
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, features: torch.Tensor
+    ) -> torch.Tensor:
+        """Place `features` [N_img, T_img, D] at the placeholder positions, after a strict count check."""
+        mask = input_ids == self.image_token_id  # [B, T]
+        n_slots = int(mask.sum())
+        features = features.to(inputs_embeds.dtype)
         n_images, per_image = features.shape[:2]
         if n_slots != n_images * per_image:
             raise DataError(

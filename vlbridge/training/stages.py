@@ -8,7 +8,7 @@ from peft import PeftModel
 from rich.table import Table
 
 from ..errors import ConfigError
-from ..lora import lora_config, merge, wrap
+from ..lora import is_adapter_param, lora_config, merge, wrap
 from ..recipe import LoRASettings, StageConfig
 
 
@@ -34,10 +34,11 @@ def apply_stage(model, stage: StageConfig, lora: LoRASettings) -> list[GroupRepo
         mode = stage.modules.get(name, "frozen")
         module = model.get_group(name)
         if mode == "lora":
-            config = lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules)
+            tokens = model.frontend.trained_token_ids() if name == "llm" else None
+            config = lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules, tokens)
             module = wrap(module, config, name)
             for pname, param in module.named_parameters():
-                param.requires_grad_("lora_" in pname)
+                param.requires_grad_(is_adapter_param(pname))
         elif mode == "full":
             module = merge(module)
             module.requires_grad_(True)

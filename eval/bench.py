@@ -1,0 +1,304 @@
+"""`vlbridge bench`: efficiency of several model configurations, side by side in one process.
+
+A benchmark YAML names a baseline and a list of cases; each case is a VLConfig (deep-merged over
+`defaults`), an input image size and, optionally, the module modes of a training step. Every case
+is built with random weights, fed the same prompt, and measured the same way (`efficiency.py`);
+ratios are taken against the baseline measured in the same run. Results go to `results.json`,
+`report.md` and, with matplotlib installed, `report.png`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from pydantic import Field, model_validator
+from rich.console import Console
+from rich.table import Table
+
+from vlbridge.config import Strict, VLConfig, deep_merge
+from vlbridge.errors import ConfigError
+from vlbridge.families import choose_dtype
+from vlbridge.modeling import VLModel
+from vlbridge.processing import VLProcessor, pad_batch
+from vlbridge.recipe import LoRASettings, Mode, StageConfig, load_yaml_config
+from vlbridge.registry import FRONTENDS
+from vlbridge.tokenization import add_frontend_tokens, generation_kwargs, train_bpe
+from vlbridge.training.stages import apply_stage
+
+from .efficiency import cache_bytes, count_flops, median_seconds, parameter_counts, peak_memory
+
+_WORDS = (
+    "the red circle is left of a small blue square above two green triangles near a large diamond".split()
+)
+
+
+class BenchCase(Strict):
+    name: str
+    model: dict[str, Any] = Field(default_factory=dict)  # merged over BenchConfig.defaults
+    image_size: int | tuple[int, int] = 224  # input image (width, height) before the front-end's transform
+    train_modules: dict[str, Mode] = Field(default_factory=dict)  # empty: no train-step measurement
+    group: str | None = None  # cases of one group form a line in the plot (e.g. a resolution sweep)
+
+
+class BenchConfig(Strict):
+    name: str
+    baseline: str
+    cases: list[BenchCase]
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    device: str = "auto"
+    seed: int = 0
+    repeats: int = Field(default=3, ge=1)
+    batch_size: int = Field(default=1, ge=1)
+    prompt_words: int = Field(default=32, ge=1)
+    answer_words: int = Field(default=16, ge=1)
+    new_tokens: int = Field(default=32, ge=2)
+    vocab_size: int = Field(default=512, ge=300)  # BPE the prompts are written in (the LLM's may be larger)
+    lora: LoRASettings = Field(default_factory=LoRASettings)
+    measure_flops: bool = True
+
+    @model_validator(mode="after")
+    def _baseline_is_a_case(self) -> BenchConfig:
+        names = [c.name for c in self.cases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"case names must be unique, got {names}")
+        if self.baseline not in names:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the cases {names}")
+        return self
+
+
+METRICS: dict[str, tuple[str, str]] = {  # key -> (column title, format)
+    "visual_tokens": ("visual tok", "{:,.0f}"),
+    "sequence_length": ("seq len", "{:,.0f}"),
+    "trainable_params": ("trainable", "{:,.0f}"),
+    "train_step_s": ("train step s", "{:.4f}"),
+    "prefill_s": ("prefill s", "{:.4f}"),
+    "generate_s": ("generate s", "{:.4f}"),
+    "decode_tokens_per_s": ("decode tok/s", "{:,.1f}"),
+    "prefill_peak_mb": ("prefill peak MB", "{:,.1f}"),
+    "prefill_gflops": ("prefill GFLOPs", "{:,.2f}"),
+    "kv_cache_mb": ("KV cache MB", "{:,.2f}"),
+}
+RATIO_KEYS = ("train_step_s", "prefill_s", "generate_s", "prefill_gflops", "kv_cache_mb", "trainable_params")
+
+
+def _device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"bench device {requested!r} but CUDA is not available; use device: auto or cpu")
+    return torch.device(requested)
+
+
+def _text(n_words: int, offset: int = 0) -> str:
+    return " ".join(_WORDS[(offset + i) % len(_WORDS)] for i in range(n_words))
+
+
+def _image(size: int | tuple[int, int]) -> Image.Image:
+    width, height = (size, size) if isinstance(size, int) else size
+    gen = torch.Generator().manual_seed(width * 10007 + height)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=gen, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+class Bench:
+    """Runs the cases of one BenchConfig; `results` holds one dict of metrics per case."""
+
+    def __init__(self, config: BenchConfig, console: Console | None = None) -> None:
+        self.config, self.console = config, console or Console()
+        self.device = _device(config.device)
+        self.results: list[dict[str, Any]] = []
+
+    def case_config(self, case: BenchCase) -> VLConfig:
+        return VLConfig.model_validate(deep_merge(self.config.defaults, case.model))
+
+    def run(self) -> list[dict[str, Any]]:
+        for case in self.config.cases:
+            self.console.print(f"[bold]bench[/bold] {case.name} ...")
+            self.results.append(self.measure(case))
+            gc.collect()
+        add_ratios(self.results, self.config.baseline)
+        return self.results
+
+    def _build(self, case: BenchCase):
+        config = self.case_config(case)
+        tokenizer = train_bpe([_text(len(_WORDS), i) for i in range(len(_WORDS))], self.config.vocab_size)
+        add_frontend_tokens(tokenizer, FRONTENDS.get(config.frontend.type).tokens_for(config.frontend))
+        torch.manual_seed(self.config.seed)
+        dtype = choose_dtype(config.llm.dtype, self.device)
+        model = VLModel.from_config(config, tokenizer, device=str(self.device), dtype=dtype).eval()
+        processor = VLProcessor(tokenizer, model.frontend, image_token=config.image_token, max_length=10**6)
+        return model, tokenizer, processor
+
+    def _messages(self, answer: bool) -> list[dict]:
+        messages = [{"role": "user", "content": f"<image>\n{_text(self.config.prompt_words)}"}]
+        if answer:
+            messages.append({"role": "assistant", "content": _text(self.config.answer_words, 3)})
+        return messages
+
+    def measure(self, case: BenchCase) -> dict[str, Any]:
+        cfg, device = self.config, self.device
+        model, tokenizer, processor = self._build(case)
+        image = _image(case.image_size)
+        batch = processor([self._messages(False)] * cfg.batch_size, [[image]] * cfg.batch_size)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        ids = batch["input_ids"]
+        visual = torch.isin(ids[0], torch.tensor(model.frontend.special_token_ids, device=device))
+        out: dict[str, Any] = {
+            "name": case.name,
+            "group": case.group,
+            "image_size": case.image_size,
+            "frontend": model.config.frontend.type,
+            "visual_tokens": int(visual.sum()),
+            "sequence_length": ids.shape[1],
+            "total_params": parameter_counts(model)[1],
+        }
+
+        @torch.no_grad()
+        def prefill():
+            return model(**batch, use_cache=True)
+
+        out["prefill_s"] = median_seconds(prefill, device, cfg.repeats)
+        with peak_memory(device) as peak:
+            past = prefill().past_key_values
+        out["prefill_peak_mb"] = peak["bytes"] / 2**20
+        out["kv_cache_mb"] = cache_bytes(past) / 2**20
+        del past
+        if cfg.measure_flops:
+            out["prefill_gflops"] = count_flops(prefill) / 1e9
+        gen_kwargs = generation_kwargs(tokenizer) | {
+            "max_new_tokens": cfg.new_tokens,
+            "min_new_tokens": cfg.new_tokens,
+            "do_sample": False,
+        }
+
+        def generate():
+            return model.generate(**batch, **gen_kwargs)
+
+        out["generate_s"] = median_seconds(generate, device, cfg.repeats)
+        decode_s = max(out["generate_s"] - out["prefill_s"], 1e-9)
+        out["decode_tokens_per_s"] = cfg.batch_size * (cfg.new_tokens - 1) / decode_s
+        if case.train_modules:
+            out.update(self._train_step(model, processor, case, image))
+        return out
+
+    def _train_step(self, model, processor, case: BenchCase, image) -> dict[str, Any]:
+        cfg, device = self.config, self.device
+        stage = StageConfig(name="bench", modules=case.train_modules, steps=1, lr=1e-5)
+        apply_stage(model, stage, cfg.lora)
+        model.train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+        encoded = processor.encode(self._messages(True), [image], sample_id="bench")
+        batch = pad_batch([encoded] * cfg.batch_size, processor.tokenizer.pad_token_id, model.frontend)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+        def step():
+            with autocast:
+                loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        seconds = median_seconds(step, device, cfg.repeats)
+        return {"train_step_s": seconds, "trainable_params": parameter_counts(model)[0]}
+
+
+def add_ratios(results: list[dict[str, Any]], baseline: str) -> None:
+    """`<metric>_ratio` = case / baseline for every ratio metric both measured."""
+    base = next(r for r in results if r["name"] == baseline)
+    for r in results:
+        for key in RATIO_KEYS:
+            if r.get(key) is not None and base.get(key):
+                r[f"{key}_ratio"] = r[key] / base[key]
+
+
+def _cell(result: dict[str, Any], key: str) -> str:
+    if result.get(key) is None:
+        return "-"
+    text = METRICS[key][1].format(result[key])
+    ratio = result.get(f"{key}_ratio")
+    return f"{text} ({ratio:.2f}x)" if ratio is not None else text
+
+
+def _columns(results: list[dict[str, Any]]) -> list[str]:
+    return [k for k in METRICS if any(r.get(k) is not None for r in results)]
+
+
+def markdown(config: BenchConfig, results: list[dict[str, Any]], device: str) -> str:
+    cols = _columns(results)
+    lines = [
+        f"# bench: {config.name}",
+        "",
+        f"device {device}, batch {config.batch_size}, prompt {config.prompt_words} words, "
+        f"{config.new_tokens} new tokens, median of {config.repeats}; ratios against `{config.baseline}`.",
+        "",
+        "| case | image | " + " | ".join(METRICS[k][0] for k in cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
+    for r in results:
+        size = r["image_size"] if isinstance(r["image_size"], int) else "x".join(map(str, r["image_size"]))
+        lines.append(f"| {r['name']} | {size} | " + " | ".join(_cell(r, k) for k in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def console_table(config: BenchConfig, results: list[dict[str, Any]]) -> Table:
+    cols = _columns(results)
+    table = Table(title=f"bench {config.name} (ratios vs {config.baseline})")
+    table.add_column("case")
+    for k in cols:
+        table.add_column(METRICS[k][0], justify="right")
+    for r in results:
+        table.add_row(r["name"], *(_cell(r, k) for k in cols))
+    return table
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> bool:
+    """Bar charts of the time/memory metrics; resolution groups as lines. False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    shown = ("train_step_s", "prefill_s", "generate_s", "prefill_peak_mb")
+    keys = [k for k in shown if any(k in r for r in results)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        rows = [r for r in results if key in r]
+        ax.bar(range(len(rows)), [r[key] for r in rows], color="tab:blue")
+        ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=45, ha="right", fontsize=8)
+        ax.set_title(METRICS[key][0])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def run_bench(path: str | Path, overrides: list[str] | None = None, output: str | Path | None = None) -> Path:
+    config = load_yaml_config(path, BenchConfig, overrides, what="benchmark")
+    bench = Bench(config)
+    started = time.perf_counter()
+    results = bench.run()
+    out = Path(output or f"runs/bench/{config.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "config": config.model_dump(mode="json"),
+        "device": str(bench.device),
+        "torch_threads": torch.get_num_threads(),
+        "seconds": time.perf_counter() - started,
+        "results": results,
+    }
+    (out / "results.json").write_text(json.dumps(payload, indent=2))
+    (out / "report.md").write_text(markdown(config, results, str(bench.device)))
+    plotted = plot(results, out / "report.png")
+    bench.console.print(console_table(config, results))
+    bench.console.print(f"wrote {out}/results.json, report.md" + (", report.png" if plotted else ""))
+    return out

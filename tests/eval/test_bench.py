@@ -1,0 +1,102 @@
+"""`vlbridge bench`: measured figures that can be checked against arithmetic on the models themselves."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from torch import nn
+
+from vlbridge.cli import main
+from vlbridge.testing import TINY_LLM_CONFIGS, tiny_model, tiny_vl_config
+
+LORA_R = 4
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """Two tiny LLaVA cases: 2x2-merged connector (baseline, LoRA step) vs unmerged (full step)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    base = tiny_vl_config("llama", "clip_vision_model").model_dump(mode="json")
+    config = {
+        "name": "tiny",
+        "baseline": "merged",
+        "defaults": base,
+        "repeats": 1,
+        "batch_size": 2,
+        "prompt_words": 6,
+        "new_tokens": 3,
+        "lora": {"r": LORA_R, "alpha": 8, "dropout": 0.0},
+        "cases": [
+            {"name": "merged", "image_size": 32, "train_modules": {"llm": "lora", "connector": "full"}},
+            {
+                "name": "unmerged",
+                "image_size": [40, 24],
+                "model": {"frontend": {"connector": {"merge": 1}}},
+                "train_modules": {"llm": "full"},
+            },
+        ],
+    }
+    path = tmp / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp / "out"
+    assert main(["bench", str(path), "--output", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    return out, {r["name"]: r for r in results}
+
+
+def test_token_counts_match_the_front_end(bench_run):
+    _, results = bench_run
+    merged, _, _ = tiny_model("llama", "clip_vision_model")
+    tokens = merged.frontend.num_image_tokens()
+    assert results["merged"]["visual_tokens"] == tokens
+    assert results["unmerged"]["visual_tokens"] == 4 * tokens
+    assert results["unmerged"]["sequence_length"] - results["merged"]["sequence_length"] == 3 * tokens
+
+
+def test_kv_cache_and_flops_follow_the_architecture(bench_run):
+    _, results = bench_run
+    llm = TINY_LLM_CONFIGS["llama"]
+    head_dim = llm["hidden_size"] // llm["num_attention_heads"]
+    for r in results.values():
+        per_token = 2 * llm["num_hidden_layers"] * llm["num_key_value_heads"] * head_dim * 4  # K and V, fp32
+        assert r["kv_cache_mb"] * 2**20 == pytest.approx(2 * r["sequence_length"] * per_token)  # batch 2
+        assert r["prefill_gflops"] > 0 and r["prefill_s"] > 0 and r["generate_s"] > r["prefill_s"] * 0.5
+    assert results["unmerged"]["prefill_gflops"] > results["merged"]["prefill_gflops"]
+
+
+def test_trainable_parameters_are_counted_per_mode(bench_run):
+    _, results = bench_run
+    model, _, _ = tiny_model("llama", "clip_vision_model")
+    llm = model.language_model
+    lora = sum(
+        LORA_R * (m.in_features + m.out_features)
+        for name, m in llm.named_modules()
+        if isinstance(m, nn.Linear) and not name.endswith("lm_head")
+    )
+    connector = sum(p.numel() for p in model.frontend.connector.parameters())
+    assert results["merged"]["trainable_params"] == lora + connector
+    unmerged, _, _ = tiny_model("llama", "clip_vision_model", frontend={"connector": {"merge": 1}})
+    frontend = sum(p.numel() for p in unmerged.frontend.parameters())
+    assert results["unmerged"]["trainable_params"] == results["unmerged"]["total_params"] - frontend
+    assert results["unmerged"]["train_step_s"] > 0
+
+
+def test_ratios_and_reports(bench_run):
+    out, results = bench_run
+    assert results["merged"]["prefill_s_ratio"] == 1.0
+    unmerged = results["unmerged"]
+    expected = unmerged["kv_cache_mb"] / results["merged"]["kv_cache_mb"]
+    assert unmerged["kv_cache_mb_ratio"] == pytest.approx(expected)
+    report = (out / "report.md").read_text()
+    assert "| merged | 32 |" in report and "| unmerged | 40x24 |" in report
+    assert (out / "report.png").stat().st_size > 0
+
+
+def test_unknown_baseline_is_a_one_line_error(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "baseline": "nope", "cases": [{"name": "a"}]}))
+    assert main(["bench", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "baseline 'nope' is not one of the cases ['a']" in err and "Traceback" not in err
