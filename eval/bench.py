@@ -4,7 +4,7 @@ A benchmark YAML names a baseline and a list of cases; each case is a VLConfig (
 `defaults`), an input image size and, optionally, the module modes of a training step. Every case
 is built with random weights, fed the same prompt, and measured the same way (`efficiency.py`);
 ratios are taken against the baseline measured in the same run. Results go to `results.json`,
-`report.md` and, with matplotlib installed, `report.png`.
+`report.md` and, with matplotlib installed (the `eval` extra), `report.png`.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ class BenchConfig(Strict):
     batch_size: int = Field(default=1, ge=1)
     prompt_words: int = Field(default=32, ge=1)
     answer_words: int = Field(default=16, ge=1)
-    new_tokens: int = Field(default=32, ge=2)
+    new_tokens: int = Field(default=32, ge=0)  # 0: no generation measurement (prefill-only sweeps)
+    warmup: int = Field(default=1, ge=0)  # untimed calls before each timing
     vocab_size: int = Field(default=512, ge=300)  # BPE the prompts are written in (the LLM's may be larger)
     lora: LoRASettings = Field(default_factory=LoRASettings)
     measure_flops: bool = True
@@ -163,7 +164,7 @@ class Bench:
         def prefill():
             return model(**batch, use_cache=True)
 
-        out["prefill_s"] = median_seconds(prefill, device, cfg.repeats)
+        out["prefill_s"] = median_seconds(prefill, device, cfg.repeats, cfg.warmup)
         with peak_memory(device) as peak:
             past = prefill().past_key_values
         out["prefill_peak_mb"] = peak["bytes"] / 2**20
@@ -171,21 +172,25 @@ class Bench:
         del past
         if cfg.measure_flops:
             out["prefill_gflops"] = count_flops(prefill) / 1e9
-        gen_kwargs = generation_kwargs(tokenizer) | {
+        if cfg.new_tokens:
+            out.update(self._generate(model, tokenizer, batch, out["prefill_s"]))
+        if case.train_modules:
+            out.update(self._train_step(model, processor, case, image))
+        return out
+
+    def _generate(self, model, tokenizer, batch, prefill_s: float) -> dict[str, Any]:
+        """Greedy generation of exactly `new_tokens`; decode rate from its time beyond one prefill."""
+        cfg = self.config
+        kwargs = generation_kwargs(tokenizer) | {
             "max_new_tokens": cfg.new_tokens,
             "min_new_tokens": cfg.new_tokens,
             "do_sample": False,
         }
-
-        def generate():
-            return model.generate(**batch, **gen_kwargs)
-
-        out["generate_s"] = median_seconds(generate, device, cfg.repeats)
-        decode_s = max(out["generate_s"] - out["prefill_s"], 1e-9)
-        out["decode_tokens_per_s"] = cfg.batch_size * (cfg.new_tokens - 1) / decode_s
-        if case.train_modules:
-            out.update(self._train_step(model, processor, case, image))
-        return out
+        seconds = median_seconds(
+            lambda: model.generate(**batch, **kwargs), self.device, cfg.repeats, cfg.warmup
+        )
+        decode = max(seconds - prefill_s, 1e-9)
+        return {"generate_s": seconds, "decode_tokens_per_s": cfg.batch_size * (cfg.new_tokens - 1) / decode}
 
     def _train_step(self, model, processor, case: BenchCase, image) -> dict[str, Any]:
         cfg, device = self.config, self.device
@@ -206,7 +211,7 @@ class Bench:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        seconds = median_seconds(step, device, cfg.repeats)
+        seconds = median_seconds(step, device, cfg.repeats, cfg.warmup)
         return {"train_step_s": seconds, "trainable_params": parameter_counts(model)[0]}
 
 
@@ -259,8 +264,14 @@ def console_table(config: BenchConfig, results: list[dict[str, Any]]) -> Table:
     return table
 
 
+def _side(result: dict[str, Any]) -> int:
+    size = result["image_size"]
+    return size if isinstance(size, int) else max(size)
+
+
 def plot(results: list[dict[str, Any]], path: Path) -> bool:
-    """Bar charts of the time/memory metrics; resolution groups as lines. False without matplotlib."""
+    """Bars per case for time and memory, plus prefill time / peak memory against image side for each
+    case group (resolution sweeps). False when matplotlib (the `eval` extra) is missing."""
     try:
         import matplotlib
 
@@ -270,12 +281,22 @@ def plot(results: list[dict[str, Any]], path: Path) -> bool:
         return False
     shown = ("train_step_s", "prefill_s", "generate_s", "prefill_peak_mb")
     keys = [k for k in shown if any(k in r for r in results)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=True):
+    groups = sorted({r["group"] for r in results if r["group"]})
+    sweeps = [k for k in ("prefill_s", "prefill_peak_mb") if groups and k in keys]
+    n = len(keys) + len(sweeps)
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 4), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=False):
         rows = [r for r in results if key in r]
         ax.bar(range(len(rows)), [r[key] for r in rows], color="tab:blue")
         ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=45, ha="right", fontsize=8)
         ax.set_title(METRICS[key][0])
+    for ax, key in zip(axes[0][len(keys) :], sweeps, strict=True):
+        for group in groups:
+            rows = sorted((r for r in results if r["group"] == group), key=_side)
+            ax.plot([_side(r) for r in rows], [r[key] for r in rows], marker="o", label=group)
+        ax.set_xlabel("image side (px)")
+        ax.set_title(f"{METRICS[key][0]} vs resolution")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vlbridge import testing as kit
 from vlbridge.errors import DataError
-from vlbridge.modeling import VLModel
-from vlbridge.processing import IGNORE_INDEX, pad_batch
-from vlbridge.testing import TINY_LLM_CONFIGS, TINY_TOWER_CONFIGS, tiny_model
+from vlbridge.processing import IGNORE_INDEX
+from vlbridge.testing import TINY_LLM_CONFIGS, TINY_TOWER_CONFIGS, chat, tiny_model, train_batch
 
 FAMILIES = list(TINY_LLM_CONFIGS)
 TOWERS = list(TINY_TOWER_CONFIGS)
@@ -40,32 +40,8 @@ def family_vl(request):
     return tiny_model(*request.param)
 
 
-def chat(question: str, answer: str | None = None) -> list[dict]:
-    messages = [{"role": "user", "content": f"<image>\n{question}"}]
-    if answer is not None:
-        messages.append({"role": "assistant", "content": answer})
-    return messages
-
-
-def train_batch(vl, image, answer: str = "red circle") -> dict:
-    model, tokenizer, processor = vl
-    sample = processor.encode(chat("What color is the circle?", answer), [image])
-    return pad_batch([sample], tokenizer.pad_token_id, model.frontend)
-
-
 def prompt(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
-
-
-def generate(model, inputs: dict, max_new_tokens: int = 6):
-    """Greedy generation that also returns the raw logits of every step."""
-    return model.generate(
-        **inputs,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        return_dict_in_generate=True,
-        output_logits=True,
-    )
 
 
 def test_loss_only_on_assistant_tokens(vl, red_image):
@@ -140,48 +116,20 @@ def test_generate_greedy_and_sampling(family_vl, red_image, blue_image):
 
 
 def test_cached_decode_equals_full_recompute(vl, red_image):
-    model, _, processor = vl
-    inputs = processor([chat("What shape is the blue object?")], [[red_image]])
-    out = generate(model, inputs, max_new_tokens=8)
-    assert out.past_key_values is not None
-    tokens = out.sequences[0]
-    assert len(tokens) >= 1
-    for step, token in enumerate(tokens):
-        ids = torch.cat([inputs["input_ids"][0], tokens[:step]])[None]
-        logits = model(ids, torch.ones_like(ids), inputs["pixel_values"]).logits[0, -1]
-        torch.testing.assert_close(out.logits[step][0], logits, atol=ATOL, rtol=0)
-        assert int(logits.argmax()) == int(token)
+    kit.assert_cached_decode_matches_recompute(vl, "What shape is the blue object?", red_image, atol=ATOL)
 
 
 def test_left_padded_batch_equals_one_by_one(vl, red_image, blue_image):
-    model, tokenizer, processor = vl
     conversations = [chat("What color is the circle?"), chat("Is the yellow circle left or right of it?")]
     images = [[red_image], [blue_image]]
-    batch = processor(conversations, images)
-    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][1].all()  # row 0 is left-padded
-    batched = generate(model, batch)
-    batch_last = model(**batch).logits[:, -1]
-    for row, (conversation, imgs) in enumerate(zip(conversations, images, strict=True)):
-        single = processor([conversation], [imgs])
-        alone = generate(model, single)
-        n = alone.sequences.shape[1]
-        assert torch.equal(batched.sequences[row, :n], alone.sequences[0])
-        assert (batched.sequences[row, n:] == tokenizer.pad_token_id).all()
-        for step in range(n):
-            torch.testing.assert_close(batched.logits[step][row], alone.logits[step][0], atol=ATOL, rtol=0)
-        torch.testing.assert_close(batch_last[row], model(**single).logits[0, -1], atol=ATOL, rtol=0)
+    batch = kit.assert_padded_batch_matches_one_by_one(
+        vl, conversations, images, atol=ATOL, prompt_logits=True
+    )
+    assert batch["attention_mask"][1].all()  # only row 0 is padded
 
 
 def test_save_load_round_trip(vl, red_image, tmp_path):
-    model, tokenizer, processor = vl
-    batch = train_batch(vl, red_image)
-    model.save_pretrained(tmp_path / "ckpt", tokenizer)
-    loaded = VLModel.from_pretrained(tmp_path / "ckpt")
-    assert not loaded.training
-    assert torch.equal(loaded(**batch).logits, model(**batch).logits)
-    inputs = processor([chat("How many triangles are there?")], [[red_image]])
-    kwargs = {"max_new_tokens": 5, "do_sample": False}
-    assert torch.equal(loaded.generate(**inputs, **kwargs), model.generate(**inputs, **kwargs))
+    kit.assert_save_load_round_trip(vl, train_batch(vl, red_image), red_image, tmp_path / "ckpt")
 
 
 def test_wrong_image_token_count_is_a_data_error(family_vl, red_image):

@@ -3,19 +3,24 @@
 `tiny_model("qwen3", "siglip_vision_model")` builds a seeded, randomly initialised VLModel (a 2-layer,
 64-wide LLM and a 32x32-pixel tower) with a small trained BPE tokenizer and its VLProcessor in about
 a second, so behaviour that must hold for every family can be checked without downloading anything.
+
+The conformance kit below (`chat`, `train_batch`, `greedy` and the `assert_*` checks) states, once, the
+properties every front-end's VLModel must keep: KV-cached decoding equals full recomputation, a
+left-padded batch equals its rows run alone, and a save/load round trip changes nothing.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
 from .config import VLConfig, deep_merge
 from .modeling import VLModel
-from .processing import VLProcessor
+from .processing import VLProcessor, pad_batch
 from .registry import FRONTENDS, VISION_TOWERS
 from .tokenization import add_frontend_tokens, train_bpe
 
@@ -70,6 +75,9 @@ TINY_TOWER_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 TINY_IMAGE_SIZE = 32
+
+# (model, tokenizer, processor), as `tiny_model` returns them and the conformance kit takes them.
+VL = tuple[VLModel, Any, VLProcessor]
 
 _TEXTS = [
     "What color is the circle? red",
@@ -147,7 +155,7 @@ def tiny_model(
     *,
     seed: int = 0,
     **overrides: Any,
-) -> tuple[VLModel, Any, VLProcessor]:
+) -> VL:
     """(model in eval mode, tokenizer, processor), with weights fixed by `seed`."""
     config = tiny_vl_config(family, tower, **overrides)
     tokenizer = tiny_tokenizer(config)
@@ -157,3 +165,113 @@ def tiny_model(
         tokenizer, model.frontend, image_token=config.image_token, max_length=config.max_length
     )
     return model, tokenizer, processor
+
+
+# -- conformance kit -----------------------------------------------------------------------------------
+def chat(
+    question: str,
+    answer: str | None = None,
+    *,
+    image_in: Literal["user", "assistant"] | None = "user",
+) -> list[dict]:
+    """A one-turn conversation whose `<image>` marker opens the user turn, the reply, or (None) neither."""
+
+    def content(role: str, text: str) -> str:
+        return f"<image>\n{text}" if image_in == role else text
+
+    messages = [{"role": "user", "content": content("user", question)}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": content("assistant", answer)})
+    return messages
+
+
+def train_batch(
+    vl: VL,
+    image,
+    question: str = "What color is the circle?",
+    answer: str = "red circle",
+) -> dict:
+    """One labelled sample (`question` on `image`, replied with `answer`), collated as training sees it."""
+    model, tokenizer, processor = vl
+    sample = processor.encode(chat(question, answer), [image])
+    return pad_batch([sample], tokenizer.pad_token_id, model.frontend)
+
+
+def greedy(model: VLModel, inputs: dict, max_new_tokens: int = 6, **kwargs: Any):
+    """Greedy generation that also returns the raw logits of every step (and the KV cache)."""
+    return model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+        **kwargs,
+    )
+
+
+def assert_cached_decode_matches_recompute(
+    vl: VL,
+    question: str,
+    image,
+    *,
+    max_new_tokens: int = 8,
+    atol: float = 1e-4,
+) -> None:
+    """KV-cached greedy decoding gives, step by step, the logits and token of a full forward recompute."""
+    model, _, processor = vl
+    inputs = processor([chat(question)], [[image]])
+    out = greedy(model, inputs, max_new_tokens=max_new_tokens)
+    assert out.past_key_values is not None
+    tokens = out.sequences[0]
+    assert len(tokens) >= 1
+    for step, token in enumerate(tokens):
+        ids = torch.cat([inputs["input_ids"][0], tokens[:step]])[None]
+        logits = model(ids, torch.ones_like(ids), inputs["pixel_values"]).logits[0, -1]
+        torch.testing.assert_close(out.logits[step][0], logits, atol=atol, rtol=0)
+        assert int(logits.argmax()) == int(token)
+
+
+def assert_padded_batch_matches_one_by_one(
+    vl: VL,
+    conversations: list[list[dict]],
+    images: list[list],
+    *,
+    atol: float = 1e-4,
+    prompt_logits: bool = False,
+) -> dict:
+    """A left-padded batch generates each row's tokens and step logits as that prompt alone (row 0 is padded).
+
+    `prompt_logits` also compares the last prompt position of one forward pass. Returns the batch.
+    """
+    model, tokenizer, processor = vl
+    batch = processor(conversations, images)
+    assert batch["attention_mask"][0, 0] == 0  # row 0 is left-padded
+    batched = greedy(model, batch)
+    batch_last = model(**batch).logits[:, -1] if prompt_logits else None
+    for row, (conversation, imgs) in enumerate(zip(conversations, images, strict=True)):
+        single = processor([conversation], [imgs])
+        alone = greedy(model, single)
+        n = alone.sequences.shape[1]
+        assert torch.equal(batched.sequences[row, :n], alone.sequences[0])
+        assert (batched.sequences[row, n:] == tokenizer.pad_token_id).all()
+        for step in range(n):
+            torch.testing.assert_close(batched.logits[step][row], alone.logits[step][0], atol=atol, rtol=0)
+        if batch_last is not None:
+            torch.testing.assert_close(batch_last[row], model(**single).logits[0, -1], atol=atol, rtol=0)
+    return batch
+
+
+def assert_save_load_round_trip(vl: VL, batch: dict, image, path: str | Path) -> VLModel:
+    """A model saved to `path` reloads in eval mode with bit-identical logits and greedy generations.
+
+    Generation is compared on "How many triangles are there?" about `image`. Returns the loaded model.
+    """
+    model, tokenizer, processor = vl
+    model.save_pretrained(path, tokenizer)
+    loaded = VLModel.from_pretrained(path)
+    assert not loaded.training
+    assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+    inputs = processor([chat("How many triangles are there?")], [[image]])
+    kwargs = {"max_new_tokens": 5, "do_sample": False}
+    assert torch.equal(loaded.generate(**inputs, **kwargs), model.generate(**inputs, **kwargs))
+    return loaded

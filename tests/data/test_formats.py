@@ -19,7 +19,7 @@ from vlbridge.data.formats import (
     load_source,
     normalise_messages,
 )
-from vlbridge.errors import DataError
+from vlbridge.errors import ConfigError, DataError
 from vlbridge.registry import DATA_FORMATS
 
 # The reference content: (id, image colour or None, messages with `<image>` markers).
@@ -364,3 +364,17 @@ def test_shapes_source_can_put_the_question_before_the_image():
         assert a["messages"][0]["content"] == f"<image>\n{question}"
         assert b["messages"][0]["content"] == f"{question}\n<image>"
         assert a["messages"][1:] == b["messages"][1:]
+
+
+def test_shapes_max_objects_narrows_the_variant() -> None:
+    cfg = DATA_FORMATS.config_class("shapes")
+    source = {"type": "shapes", "n": 12, "types": ["position"]}
+    lone = "side of the image?"  # the position question asked when a scene has a single object
+    questions = [s["messages"][0]["content"] for s in load_source(cfg.model_validate(source))]
+    assert not all(lone in q for q in questions)
+    questions = [
+        s["messages"][0]["content"] for s in load_source(cfg.model_validate(source | {"max_objects": 1}))
+    ]
+    assert all(lone in q for q in questions)
+    with pytest.raises(ConfigError, match=r"max_objects=4 is outside the 'base' variant's range \[1, 3\]"):
+        load_source(cfg.model_validate({"type": "shapes", "n": 4, "max_objects": 4}))

@@ -9,7 +9,8 @@ import yaml
 from torch import nn
 
 from vlbridge.cli import main
-from vlbridge.testing import TINY_LLM_CONFIGS, tiny_model, tiny_vl_config
+from vlbridge.config import deep_merge
+from vlbridge.testing import TINY_FRONTEND_CONFIGS, TINY_LLM_CONFIGS, tiny_model, tiny_vl_config
 
 LORA_R = 4
 
@@ -18,24 +19,36 @@ LORA_R = 4
 def bench_run(tmp_path_factory):
     """Two tiny LLaVA cases: 2x2-merged connector (baseline, LoRA step) vs unmerged (full step)."""
     tmp = tmp_path_factory.mktemp("bench")
-    base = tiny_vl_config("llama", "clip_vision_model").model_dump(mode="json")
+    llava = tiny_vl_config("llama", "clip_vision_model").model_dump(mode="json")
+    frontend = llava.pop("frontend")
     config = {
         "name": "tiny",
         "baseline": "merged",
-        "defaults": base,
+        "defaults": llava,
         "repeats": 1,
         "batch_size": 2,
         "prompt_words": 6,
         "new_tokens": 3,
         "lora": {"r": LORA_R, "alpha": 8, "dropout": 0.0},
         "cases": [
-            {"name": "merged", "image_size": 32, "train_modules": {"llm": "lora", "connector": "full"}},
+            {
+                "name": "merged",
+                "image_size": 32,
+                "model": {"frontend": frontend},
+                "train_modules": {"llm": "lora", "connector": "full"},
+            },
             {
                 "name": "unmerged",
                 "image_size": [40, 24],
-                "model": {"frontend": {"connector": {"merge": 1}}},
+                "model": {"frontend": deep_merge(frontend, {"connector": {"merge": 1}})},
                 "train_modules": {"llm": "full"},
             },
+            *(
+                {"name": f"{kind}_{side}", "group": kind, "image_size": side, "model": {"frontend": fe}}
+                for kind in ("solo", "adem_vl")
+                for fe in [TINY_FRONTEND_CONFIGS[kind]("clip_vision_model")]
+                for side in (16, 32)
+            ),
         ],
     }
     path = tmp / "bench.yaml"
@@ -53,6 +66,11 @@ def test_token_counts_match_the_front_end(bench_run):
     assert results["merged"]["visual_tokens"] == tokens
     assert results["unmerged"]["visual_tokens"] == 4 * tokens
     assert results["unmerged"]["sequence_length"] - results["merged"]["sequence_length"] == 3 * tokens
+    assert results["solo_16"]["visual_tokens"] == 2 * 2 + 2 + 1  # 8-px patches: grid + separators + markers
+    assert results["solo_32"]["visual_tokens"] == 4 * 4 + 4 + 1
+    assert (
+        results["adem_vl_16"]["visual_tokens"] == results["adem_vl_32"]["visual_tokens"] == 1
+    )  # deep fusion
 
 
 def test_kv_cache_and_flops_follow_the_architecture(bench_run):
@@ -92,6 +110,7 @@ def test_ratios_and_reports(bench_run):
     report = (out / "report.md").read_text()
     assert "| merged | 32 |" in report and "| unmerged | 40x24 |" in report
     assert (out / "report.png").stat().st_size > 0
+    assert "solo_32" in report and "train step s" in report
 
 
 def test_unknown_baseline_is_a_one_line_error(tmp_path, capsys):

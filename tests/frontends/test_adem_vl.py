@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig
 
+from vlbridge import testing as kit
 from vlbridge.errors import ConfigError, DataError
 from vlbridge.frontends.adem_vl import AdemVLConfig, AdemVLFrontend
 from vlbridge.frontends.adem_vl_fusion import VisualMemory, adaptive_drop, drop_count, fuse, multiscale
 from vlbridge.modeling import VLModel, build_llm
 from vlbridge.processing import pad_batch
 from vlbridge.recipe import LoRASettings, StageConfig, load_recipe
-from vlbridge.testing import TINY_LLM_CONFIGS, tiny_model
+from vlbridge.testing import TINY_LLM_CONFIGS, chat, greedy, tiny_model
 from vlbridge.training.stages import apply_stage
 from vlbridge.vision_towers import VisionTower
 
@@ -32,32 +33,17 @@ def build(family: str = "llama", tower: str = "clip_vision_model", seed: int = 0
     return tiny_model(family, tower, seed=seed, frontend={"type": "adem_vl", **frontend})
 
 
-def chat(question: str, answer: str | None = None, image: bool = True) -> list[dict]:
-    messages = [{"role": "user", "content": f"<image>\n{question}" if image else question}]
-    if answer is not None:
-        messages.append({"role": "assistant", "content": answer})
-    return messages
-
-
 def train_batch(vl, images: list, answers=("red circle", "blue square")) -> dict:
     """One sample per entry of `images` (None = a text-only sample), right-padded with labels."""
     model, tokenizer, processor = vl
     samples = [
-        processor.encode(chat("What is there?", answer, image is not None), [image] if image else [])
+        processor.encode(
+            chat("What is there?", answer, image_in="user" if image is not None else None),
+            [image] if image else [],
+        )
         for image, answer in zip(images, answers, strict=False)
     ]
     return pad_batch(samples, tokenizer.pad_token_id, model.frontend)
-
-
-def greedy(model, inputs: dict, max_new_tokens: int = 6, **kwargs):
-    return model.generate(
-        **inputs,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        return_dict_in_generate=True,
-        output_logits=True,
-        **kwargs,
-    )
 
 
 def expected_trainable(cfg: AdemVLConfig, width: int, blocks: int, hidden: int) -> int:
@@ -359,48 +345,28 @@ def test_loss_is_finite_and_gradients_reach_every_trained_part(family_vl, red_im
 
 
 def test_cached_decode_equals_full_recompute(family_vl, red_image):
-    model, _, processor = family_vl
-    inputs = processor([chat("What shape is the blue object?")], [[red_image]])
-    out = greedy(model, inputs, max_new_tokens=6)
-    for step, token in enumerate(out.sequences[0]):
-        ids = torch.cat([inputs["input_ids"][0], out.sequences[0, :step]])[None]
-        with torch.no_grad():
-            logits = model(ids, torch.ones_like(ids), inputs["pixel_values"]).logits[0, -1]
-        torch.testing.assert_close(out.logits[step][0], logits, atol=ATOL, rtol=0)
-        assert int(logits.argmax()) == int(token)
+    with torch.no_grad():
+        kit.assert_cached_decode_matches_recompute(
+            family_vl, "What shape is the blue object?", red_image, max_new_tokens=6, atol=ATOL
+        )
 
 
 def test_left_padded_batch_equals_one_by_one(family_vl, red_image, blue_image):
     """Mixed batch: a text-only prompt between two images, so images map to rows by their placeholders."""
-    model, tokenizer, processor = family_vl
-    conversations = [chat("What color is it?"), chat("How many triangles are there?", image=False)]
+    conversations = [chat("What color is it?"), chat("How many triangles are there?", image_in=None)]
     conversations.append(chat("Is the yellow circle left or right of the square?"))
     images = [[red_image], [], [blue_image]]
-    batch = processor(conversations, images)
-    assert batch["attention_mask"][0, 0] == 0  # row 0 is left-padded
-    batched = greedy(model, batch)
-    for row, (conversation, imgs) in enumerate(zip(conversations, images, strict=True)):
-        alone = greedy(model, processor([conversation], [imgs]))
-        n = alone.sequences.shape[1]
-        assert torch.equal(batched.sequences[row, :n], alone.sequences[0])
-        assert (batched.sequences[row, n:] == tokenizer.pad_token_id).all()
-        for step in range(n):
-            torch.testing.assert_close(batched.logits[step][row], alone.logits[step][0], atol=ATOL, rtol=0)
+    kit.assert_padded_batch_matches_one_by_one(family_vl, conversations, images, atol=ATOL)
 
 
 def test_save_load_round_trip(family_vl, red_image, blue_image, tmp_path):
-    model, tokenizer, processor = family_vl
+    model = family_vl[0]
     with torch.no_grad():  # move E₂ and the adapters off their zero init so the round trip covers them
         model.frontend.fusion.value_offset.normal_(std=0.02)
         model.frontend.tower_adapters[0].up.weight.normal_(std=0.02)
     batch = train_batch(family_vl, [red_image, None])
-    model.save_pretrained(tmp_path / "ckpt", tokenizer)
-    loaded = VLModel.from_pretrained(tmp_path / "ckpt")
     with torch.no_grad():
-        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
-    inputs = processor([chat("How many triangles are there?")], [[blue_image]])
-    kwargs = {"max_new_tokens": 5, "do_sample": False}
-    assert torch.equal(loaded.generate(**inputs, **kwargs), model.generate(**inputs, **kwargs))
+        kit.assert_save_load_round_trip(family_vl, batch, blue_image, tmp_path / "ckpt")
 
 
 # -- generation modes, training modes ------------------------------------------------------------------

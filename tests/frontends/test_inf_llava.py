@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PretrainedConfig
 
+from vlbridge import testing as kit
 from vlbridge.errors import ConfigError
 from vlbridge.frontends import dual_perspective as dp
 from vlbridge.frontends.dual_perspective import (
@@ -21,10 +22,8 @@ from vlbridge.frontends.dual_perspective import (
     untile,
 )
 from vlbridge.frontends.inf_llava import InfLlavaConfig, InfLlavaFrontend
-from vlbridge.modeling import VLModel
-from vlbridge.processing import pad_batch
 from vlbridge.recipe import LoRASettings, StageConfig, load_recipe
-from vlbridge.testing import TINY_LLM_CONFIGS, tiny_model
+from vlbridge.testing import TINY_LLM_CONFIGS, chat, tiny_model, train_batch
 from vlbridge.training.stages import apply_stage
 
 ATOL = 1e-4
@@ -36,27 +35,6 @@ CASES = [(family, "clip_vision_model") for family in TINY_LLM_CONFIGS] + [
 
 def build(family: str = "llama", tower: str = "clip_vision_model", **frontend):
     return tiny_model(family, tower, frontend={"type": "inf_llava", **frontend})
-
-
-def chat(question: str, answer: str | None = None) -> list[dict]:
-    messages = [{"role": "user", "content": f"<image>\n{question}"}]
-    return messages + ([{"role": "assistant", "content": answer}] if answer is not None else [])
-
-
-def train_batch(vl, image) -> dict:
-    model, tokenizer, processor = vl
-    sample = processor.encode(chat("What color is the circle?", "red circle"), [image])
-    return pad_batch([sample], tokenizer.pad_token_id, model.frontend)
-
-
-def greedy(model, inputs: dict, max_new_tokens: int = 6):
-    return model.generate(
-        **inputs,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        return_dict_in_generate=True,
-        output_logits=True,
-    )
 
 
 def coordinates(size: int) -> torch.Tensor:
@@ -383,40 +361,17 @@ def test_loss_is_finite_and_gradients_reach_every_trainable_part(vl, red_image):
 
 
 def test_cached_decode_equals_full_recompute(vl, red_image):
-    model, _, processor = vl
-    inputs = processor([chat("What shape is the blue object?")], [[red_image]])
-    out = greedy(model, inputs, max_new_tokens=8)
-    for step, token in enumerate(out.sequences[0]):
-        ids = torch.cat([inputs["input_ids"][0], out.sequences[0, :step]])[None]
-        logits = model(ids, torch.ones_like(ids), inputs["pixel_values"]).logits[0, -1]
-        torch.testing.assert_close(out.logits[step][0], logits, atol=ATOL, rtol=0)
-        assert int(logits.argmax()) == int(token)
+    kit.assert_cached_decode_matches_recompute(vl, "What shape is the blue object?", red_image, atol=ATOL)
 
 
 def test_left_padded_batch_equals_one_by_one(vl, red_image, blue_image):
-    model, tokenizer, processor = vl
     conversations = [chat("What color is the circle?"), chat("Is the yellow circle left or right of it?")]
     images = [[red_image], [blue_image]]
-    batch = processor(conversations, images)
-    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][1].all()
-    batched = greedy(model, batch)
-    for row, (conversation, imgs) in enumerate(zip(conversations, images, strict=True)):
-        alone = greedy(model, processor([conversation], [imgs]))
-        n = alone.sequences.shape[1]
-        assert torch.equal(batched.sequences[row, :n], alone.sequences[0])
-        assert (batched.sequences[row, n:] == tokenizer.pad_token_id).all()
-        for step in range(n):
-            torch.testing.assert_close(batched.logits[step][row], alone.logits[step][0], atol=ATOL, rtol=0)
+    batch = kit.assert_padded_batch_matches_one_by_one(vl, conversations, images, atol=ATOL)
+    assert batch["attention_mask"][1].all()  # only row 0 is padded
 
 
 def test_save_load_round_trip(vl, red_image, tmp_path):
-    model, tokenizer, processor = vl
-    batch = train_batch(vl, red_image)
-    model.save_pretrained(tmp_path / "ckpt", tokenizer)
-    loaded = VLModel.from_pretrained(tmp_path / "ckpt")
-    assert loaded.frontend.image_processor == model.frontend.image_processor
+    loaded = kit.assert_save_load_round_trip(vl, train_batch(vl, red_image), red_image, tmp_path / "ckpt")
+    assert loaded.frontend.image_processor == vl[0].frontend.image_processor
     assert loaded.config.frontend.image.size == 32 and loaded.config.frontend.crops_per_side == 3
-    assert torch.equal(loaded(**batch).logits, model(**batch).logits)
-    inputs = processor([chat("How many triangles are there?")], [[red_image]])
-    kwargs = {"max_new_tokens": 5, "do_sample": False}
-    assert torch.equal(loaded.generate(**inputs, **kwargs), model.generate(**inputs, **kwargs))

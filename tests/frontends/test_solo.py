@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import PretrainedConfig
 
+from vlbridge import testing as kit
 from vlbridge.checkpoint import load_model, save_model
 from vlbridge.errors import ConfigError, DataError
 from vlbridge.frontends.solo import (
@@ -31,7 +32,7 @@ from vlbridge.modeling import build_llm
 from vlbridge.processing import IGNORE_INDEX, DropCounter, pad_batch
 from vlbridge.recipe import LoRASettings, StageConfig, load_recipe
 from vlbridge.registry import FRONTENDS
-from vlbridge.testing import TINY_LLM_CONFIGS, tiny_model
+from vlbridge.testing import TINY_LLM_CONFIGS, chat, tiny_model, train_batch
 from vlbridge.training.stages import apply_stage, optimizer_groups
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "solo.yaml"
@@ -52,35 +53,9 @@ RED = scene((230, 40, 40), (32, 32))  # 4 x 4 patches
 BLUE = scene((50, 100, 245), (48, 40))  # 5 rows x 6 columns
 
 
-def chat(question: str, answer: str | None = None, image_in: str = "user") -> list[dict]:
-    user = f"<image>\n{question}" if image_in == "user" else question
-    messages = [{"role": "user", "content": user}]
-    if answer is not None:
-        reply = f"<image>\n{answer}" if image_in == "assistant" else answer
-        messages.append({"role": "assistant", "content": reply})
-    return messages
-
-
-def train_batch(vl, image=RED, question="What color is the circle?", answer="red circle") -> dict:
-    model, tokenizer, processor = vl
-    sample = processor.encode(chat(question, answer), [image])
-    return pad_batch([sample], tokenizer.pad_token_id, model.frontend)
-
-
 def vision_ids(vl) -> list[int]:
     _, tokenizer, _ = vl
     return tokenizer.convert_tokens_to_ids([VISION_START, PATCH, ROW_SEP, VISION_END])
-
-
-def generate(model, inputs: dict, max_new_tokens: int = 6):
-    """Greedy generation that also returns the raw logits of every step."""
-    return model.generate(
-        **inputs,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        return_dict_in_generate=True,
-        output_logits=True,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +277,7 @@ def test_vision_tokens_are_never_targets_and_patch_proj_learns(vl):
     assert supervised and not forbidden & set(supervised)
     assert tokenizer.decode(supervised) == "\nhere<|end|>"
 
-    batch = train_batch(vl)
+    batch = train_batch(vl, RED)
     out = model(**batch)
     manual = F.cross_entropy(out.logits[0, :-1], batch["labels"][0, 1:], ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(out.loss, manual)
@@ -314,7 +289,7 @@ def test_vision_tokens_are_never_targets_and_patch_proj_learns(vl):
 
 def test_wrong_patch_count_is_a_data_error(vl):
     model, _, _ = vl
-    batch = train_batch(vl)
+    batch = train_batch(vl, RED)
     with pytest.raises(DataError, match=r"16 '<vpatch>' slots in input_ids but 15 patches"):
         model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"][1:])
     with pytest.raises(DataError, match=r"but 0 patches.*VLProcessor"):
@@ -358,7 +333,7 @@ def test_lora_stage_trains_the_new_token_rows_and_round_trips(tmp_path, tied):
     embedding = model.language_model.get_input_embeddings()
     before = embedding(vocab).detach().clone()
 
-    batch = train_batch((model, tokenizer, processor))
+    batch = train_batch((model, tokenizer, processor), RED)
     model.train()
     model(**batch).loss.backward()
     deltas = [p for n, p in model.named_parameters() if "trainable_tokens_delta" in n]
@@ -400,34 +375,17 @@ def test_family_loss_and_gradients(family_vl):
 
 
 def test_family_cached_decode_equals_full_recompute(family_vl):
-    model, _, processor = family_vl
-    inputs = processor([chat("What shape is the blue object?")], [[BLUE]])
-    out = generate(model, inputs, max_new_tokens=8)
-    for step, token in enumerate(out.sequences[0]):
-        ids = torch.cat([inputs["input_ids"][0], out.sequences[0, :step]])[None]
-        logits = model(ids, torch.ones_like(ids), inputs["pixel_values"]).logits[0, -1]
-        torch.testing.assert_close(out.logits[step][0], logits, atol=ATOL, rtol=0)
-        assert int(logits.argmax()) == int(token)
+    kit.assert_cached_decode_matches_recompute(family_vl, "What shape is the blue object?", BLUE, atol=ATOL)
 
 
 def test_family_padded_batch_of_two_image_sizes_equals_one_by_one(family_vl):
-    model, tokenizer, processor = family_vl
     conversations = [chat("What color is the circle?"), chat("Is the yellow circle left or right of it?")]
     images = [[RED], [BLUE]]  # 21 and 36 image tokens
-    batch = processor(conversations, images)
-    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][1].all()
+    batch = kit.assert_padded_batch_matches_one_by_one(
+        family_vl, conversations, images, atol=ATOL, prompt_logits=True
+    )
+    assert batch["attention_mask"][1].all()  # only row 0 is padded
     assert batch["pixel_values"].shape == (16 + 30, 3 * P * P)
-    batched = generate(model, batch)
-    batch_last = model(**batch).logits[:, -1]
-    for row, (conversation, imgs) in enumerate(zip(conversations, images, strict=True)):
-        single = processor([conversation], [imgs])
-        alone = generate(model, single)
-        n = alone.sequences.shape[1]
-        assert torch.equal(batched.sequences[row, :n], alone.sequences[0])
-        assert (batched.sequences[row, n:] == tokenizer.pad_token_id).all()
-        for step in range(n):
-            torch.testing.assert_close(batched.logits[step][row], alone.logits[step][0], atol=ATOL, rtol=0)
-        torch.testing.assert_close(batch_last[row], model(**single).logits[0, -1], atol=ATOL, rtol=0)
 
 
 def test_family_packed_documents_are_independent(family_vl):
@@ -455,12 +413,6 @@ def test_family_packed_documents_are_independent(family_vl):
 
 
 def test_family_save_load_round_trip(family_vl, tmp_path):
-    model, tokenizer, processor = family_vl
-    batch = train_batch(family_vl, BLUE)
-    save_model(model, tmp_path / "ckpt", tokenizer)
-    loaded, _ = load_model(tmp_path / "ckpt")
+    model = family_vl[0]
+    loaded = kit.assert_save_load_round_trip(family_vl, train_batch(family_vl, BLUE), RED, tmp_path / "ckpt")
     assert isinstance(loaded.frontend, SoloFrontend) and loaded.frontend.config == model.frontend.config
-    assert torch.equal(loaded(**batch).logits, model(**batch).logits)
-    inputs = processor([chat("How many triangles are there?")], [[RED]])
-    kwargs = {"max_new_tokens": 5, "do_sample": False}
-    assert torch.equal(loaded.generate(**inputs, **kwargs), model.generate(**inputs, **kwargs))

@@ -8,6 +8,7 @@ the sample when something is wrong.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from ..config import Typed
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..registry import DATA_FORMATS
 
 IMAGE_TOKEN = "<image>"
@@ -222,6 +223,7 @@ def hf_dataset(cfg: HFDatasetConfig) -> Sequence[dict]:
 class ShapesSourceConfig(DataSourceConfig):
     type: str = "shapes"
     variant: str = "base"
+    max_objects: int | None = None  # fewer objects than the variant allows (e.g. 1 for a curriculum stage)
     split: str = "train"
     n: int = 1000
     seed: int = 0
@@ -236,7 +238,15 @@ def shapes(cfg: ShapesSourceConfig) -> Sequence[dict]:
     """The synthetic shapes dataset, generated in memory (deterministic from the seed)."""
     from . import shapes as shapes_data
 
-    scenes = shapes_data.generate(cfg.variant, cfg.split, cfg.n, seed=cfg.seed)
+    variant = shapes_data.resolve_variant(cfg.variant)
+    if cfg.max_objects is not None:
+        if not variant.min_objects <= cfg.max_objects <= variant.max_objects:
+            raise ConfigError(
+                f"shapes max_objects={cfg.max_objects} is outside the {variant.name!r} variant's range "
+                f"[{variant.min_objects}, {variant.max_objects}]"
+            )
+        variant = dataclasses.replace(variant, max_objects=cfg.max_objects)
+    scenes = shapes_data.generate(variant, cfg.split, cfg.n, seed=cfg.seed)
     samples = shapes_data.to_samples(
         scenes,
         questions_per_image=cfg.questions_per_image,

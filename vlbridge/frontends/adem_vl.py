@@ -23,7 +23,7 @@ from ..image_processing import ImageProcessor
 from ..registry import FRONTENDS
 from ..vision_towers import VisionTower
 from .adem_vl_fusion import VisualMemory, fuse, hook_block_mlps, hook_decoder_mlps, multiscale
-from .base import Frontend
+from .base import Frontend, probe_tower, tower_image_processor, tower_input_size
 
 
 class TowerAdapterConfig(Strict):
@@ -114,37 +114,18 @@ class AdemVLFrontend(Frontend):
         super().__init__(config, text_config)
         self.family = family_of(text_config.model_type)
         self.vision_tower = VisionTower(config.vision, load_weights=load_weights)
-        self._processor = self._image_processor()
+        size = tower_input_size(self.vision_tower, config.image)
+        self._processor = tower_image_processor(self.vision_tower, config.image, size)
         width = self._probe_tower()
         self.tower_adapters = self._build_adapters(width) if config.tower_adapters is not None else None
         self.fusion = FusionParameters(width, config.projector_dim, self.text_hidden_size, self.num_visual)
         self._memory: VisualMemory | None = None
 
     # -- construction ----------------------------------------------------------------------
-    def _image_processor(self) -> ImageProcessor:
-        image, tower = self.config.image, self.vision_tower
-        size = image.size or tower.native_image_size
-        if size is None:
-            raise ConfigError(
-                f"frontend.image.size is required for a {tower.hf_config.model_type} tower "
-                "(its config has no image_size)"
-            )
-        return ImageProcessor(
-            size=size,
-            mean=image.mean or tower.family.mean,
-            std=image.std or tower.family.std,
-            resize=image.resize,
-            resample=image.resample,
-        )
-
-    @torch.no_grad()
     def _probe_tower(self) -> int:
         """Feature width of the tower (one dummy forward); checks that every scale fits its grid."""
-        was_training = self.vision_tower.training
-        self.vision_tower.eval()
         size = self._processor.size
-        features, (h, w) = self.vision_tower(torch.zeros(1, 3, size, size))
-        self.vision_tower.train(was_training)
+        features, (h, w) = probe_tower(self.vision_tower, size)
         too_big = [s for s in self.config.scales if math.isqrt(s) > min(h, w)]
         if too_big:
             raise ConfigError(

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from ..config import FrontendConfig
-from ..errors import DataError
+from ..config import FrontendConfig, ImageConfig
+from ..errors import ConfigError, DataError
 from ..image_processing import ImageProcessor
+from ..vision_towers import VisionTower
 
 
 class Frontend(nn.Module, ABC):
@@ -110,3 +111,36 @@ class Frontend(nn.Module, ABC):
                 "count, and do not truncate inside an image"
             )
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features.reshape(-1, features.shape[-1]))
+
+
+# -- shared by front-ends built on a VisionTower ---------------------------------------------------------
+def tower_input_size(tower: VisionTower, image: ImageConfig) -> int:
+    """The tower's input side in pixels: frontend.image.size, else the one in the tower's config."""
+    size = image.size or tower.native_image_size
+    if size is None:
+        raise ConfigError(
+            f"frontend.image.size (the tower's input size) is required for a {tower.hf_config.model_type} "
+            "tower (its config has no image_size)"
+        )
+    return size
+
+
+def tower_image_processor(tower: VisionTower, image: ImageConfig, size: int) -> ImageProcessor:
+    """Images to `size` pixels, normalised as frontend.image says or else as the tower's family expects."""
+    return ImageProcessor(
+        size=size,
+        mean=image.mean or tower.family.mean,
+        std=image.std or tower.family.std,
+        resize=image.resize,
+        resample=image.resample,
+    )
+
+
+@torch.no_grad()
+def probe_tower(tower: VisionTower, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The tower's features [1, N, C] and grid (h, w) for one blank `size`-pixel image, run in eval mode."""
+    was_training = tower.training
+    tower.eval()
+    features, grid = tower(torch.zeros(1, 3, size, size))
+    tower.train(was_training)
+    return features, grid

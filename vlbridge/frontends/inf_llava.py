@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..image_processing import ImageProcessor
 from ..registry import FRONTENDS
 from ..vision_towers import VisionTower
-from .base import Frontend
+from .base import Frontend, probe_tower, tower_image_processor, tower_input_size
 from .dual_perspective import (
     DEFAULT_HEADS,
     DEM_VARIANTS,
@@ -66,34 +66,14 @@ class InfLlavaFrontend(Frontend):
     def __init__(self, config: InfLlavaConfig, text_config: PretrainedConfig, *, load_weights: bool = True):
         super().__init__(config, text_config)
         self.vision_tower = VisionTower(config.vision, load_weights=load_weights)
-        self.base_size = config.image.size or self.vision_tower.native_image_size
-        if self.base_size is None:
-            raise ConfigError(
-                f"frontend.image.size (the tower's input size r) is required for a "
-                f"{self.vision_tower.hf_config.model_type} tower (its config has no image_size)"
-            )
-        family = self.vision_tower.family
-        self._processor = ImageProcessor(
-            size=config.crops_per_side * self.base_size,
-            mean=config.image.mean or family.mean,
-            std=config.image.std or family.std,
-            resize=config.image.resize,
-            resample=config.image.resample,
-        )
-        channels, grid = self._probe_tower()
-        self.dem = self._build_dem(channels)
+        self.base_size = tower_input_size(self.vision_tower, config.image)
+        size = config.crops_per_side * self.base_size
+        self._processor = tower_image_processor(self.vision_tower, config.image, size)
+        features, grid = probe_tower(self.vision_tower, self.base_size)  # the tower's grid g at r pixels
+        self.dem = self._build_dem(features.shape[-1])
         tokens = grid[0] * grid[1] // config.connector.merge**2
         self._tokens_per_image = tokens
-        self.connector = Connector(config.connector, channels, self.text_hidden_size, tokens)
-
-    @torch.no_grad()
-    def _probe_tower(self) -> tuple[int, tuple[int, int]]:
-        """Feature width and grid g of the tower at the base resolution (one dummy forward)."""
-        was_training = self.vision_tower.training
-        self.vision_tower.eval()
-        features, grid = self.vision_tower(torch.zeros(1, 3, self.base_size, self.base_size))
-        self.vision_tower.train(was_training)
-        return features.shape[-1], grid
+        self.connector = Connector(config.connector, features.shape[-1], self.text_hidden_size, tokens)
 
     def _build_dem(self, channels: int) -> DualPerspectiveEnhancement:
         variant = self.config.dem_variant

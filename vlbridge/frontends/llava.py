@@ -8,11 +8,10 @@ from transformers import PretrainedConfig
 
 from ..config import ConnectorConfig, FrontendConfig, ImageConfig, VisionTowerConfig
 from ..connectors import Connector
-from ..errors import ConfigError
 from ..image_processing import ImageProcessor
 from ..registry import FRONTENDS
 from ..vision_towers import VisionTower
-from .base import Frontend
+from .base import Frontend, probe_tower, tower_image_processor, tower_input_size
 
 
 class LlavaConfig(FrontendConfig):
@@ -31,32 +30,13 @@ class LlavaFrontend(Frontend):
     def __init__(self, config: LlavaConfig, text_config: PretrainedConfig, *, load_weights: bool = True):
         super().__init__(config, text_config)
         self.vision_tower = VisionTower(config.vision, load_weights=load_weights)
-        size = config.image.size or self.vision_tower.native_image_size
-        if size is None:
-            raise ConfigError(
-                f"frontend.image.size is required for a {self.vision_tower.hf_config.model_type} tower "
-                "(its config has no image_size)"
-            )
-        family = self.vision_tower.family
-        self._processor = ImageProcessor(
-            size=size,
-            mean=config.image.mean or family.mean,
-            std=config.image.std or family.std,
-            resize=config.image.resize,
-            resample=config.image.resample,
+        size = tower_input_size(self.vision_tower, config.image)
+        self._processor = tower_image_processor(self.vision_tower, config.image, size)
+        features, self._grid = probe_tower(self.vision_tower, size)
+        self._tokens_per_image = features.shape[1] // config.connector.merge**2
+        self.connector = Connector(
+            config.connector, features.shape[-1], self.text_hidden_size, self._tokens_per_image
         )
-        channels, self._grid = self._probe_tower(size)
-        self.connector = Connector(config.connector, channels, self.text_hidden_size, self._tokens_per_image)
-
-    @torch.no_grad()
-    def _probe_tower(self, size: int) -> tuple[int, tuple[int, int]]:
-        """Feature width and grid of the tower at the configured resolution (one dummy forward)."""
-        was_training = self.vision_tower.training
-        self.vision_tower.eval()
-        features, grid = self.vision_tower(torch.zeros(1, 3, size, size))
-        self.vision_tower.train(was_training)
-        self._tokens_per_image = features.shape[1] // self.config.connector.merge**2
-        return features.shape[-1], grid
 
     @property
     def image_processor(self) -> ImageProcessor:
