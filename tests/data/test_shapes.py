@@ -246,3 +246,16 @@ def test_export_datasets_round_trip(tmp_path, monkeypatch) -> None:
         assert np.array_equal(_pixels(row["image"]), _pixels(scene.image()))
         assert row["messages"][0]["role"] == "user" and row["messages"][0]["content"].startswith("<image>\n")
         assert len(row["messages"]) == 4
+
+
+def test_samples_render_images_only_when_read(monkeypatch) -> None:
+    scenes = S.generate("hires", "val", 20)
+    rendered = []
+    real_render = S.render
+    monkeypatch.setattr(S, "render", lambda *a: rendered.append(1) or real_render(*a))
+    samples = S.ShapesSamples(scenes, image_first=False)
+    assert [samples.messages(i) for i in range(len(samples))] and not rendered
+    sample = samples[3]
+    assert len(rendered) == 1 and sample["images"][0].size == (384, 384)
+    assert sample["messages"] == samples.messages(3) and sample["messages"][0]["content"].endswith("\n<image>")
+    assert S.ShapesSamples(scenes).messages(3)[0]["content"].startswith("<image>\n")

@@ -247,18 +247,14 @@ def shapes(cfg: ShapesSourceConfig) -> Sequence[dict]:
             )
         variant = dataclasses.replace(variant, max_objects=cfg.max_objects)
     scenes = shapes_data.generate(variant, cfg.split, cfg.n, seed=cfg.seed)
-    samples = shapes_data.to_samples(
+    return shapes_data.ShapesSamples(
         scenes,
         questions_per_image=cfg.questions_per_image,
         types=cfg.types,
         caption=cfg.caption,
         rng_seed=cfg.seed,
+        image_first=cfg.image_first,
     )
-    if not cfg.image_first:
-        for sample in samples:
-            first = sample["messages"][0]
-            first["content"] = first["content"].replace(f"{IMAGE_TOKEN}\n", "", 1) + f"\n{IMAGE_TOKEN}"
-    return samples
 
 
 def load_source(cfg: DataSourceConfig) -> Sequence[dict]:

@@ -436,33 +436,51 @@ def _turn_types(rng: random.Random, n_scenes: int, types: tuple[str, ...], k: in
         yield [deck.pop()]
 
 
-def iter_samples(
-    scenes: Sequence[ShapesScene],
-    questions_per_image: int | None = 1,
-    types: Iterable[str] | None = None,
-    caption: bool = False,
-    rng_seed: int = 0,
-) -> Iterator[dict[str, Any]]:
-    """Lazy version of :func:`to_samples` (renders one image at a time)."""
-    types = tuple(types) if types is not None else QUESTION_TYPES
-    if unknown := set(types) - set(QUESTION_TYPES):
-        raise ValueError(f"unknown question types {sorted(unknown)}")
-    k = len(types) if questions_per_image is None else questions_per_image
-    if len(set(types)) < len(types) and k != 1:
-        raise ValueError("repeated question types (a weighted mix) need questions_per_image=1")
-    if not 0 <= k <= len(types) or k + caption == 0:
-        raise ValueError(f"questions_per_image must be in [0, {len(types)}] (and >0 unless caption=True)")
-    rng = random.Random(rng_seed)
-    for scene, chosen in zip(scenes, _turn_types(rng, len(scenes), types, k), strict=True):
-        turns = [(scene.qa[t].question, scene.qa[t].answer, t) for t in chosen]
-        if caption:
-            turns.insert(rng.randint(0, len(turns)), (rng.choice(CAPTION_PROMPTS), scene.caption, "caption"))
-        messages: list[dict[str, str]] = []
-        for i, (q, a, _) in enumerate(turns):
-            messages += [
-                {"role": "user", "content": f"{IMAGE_TOKEN}\n{q}" if i == 0 else q},
-                {"role": "assistant", "content": a},
-            ]
+class ShapesSamples(Sequence[dict[str, Any]]):
+    """Sample records of a list of scenes, built on access, so an image is rendered only when its sample
+    is read (100k high-resolution scenes would not fit in memory as images).
+
+    ``{"id", "images": [PIL.Image], "messages": [{"role", "content"}, ...], "meta": {"types", ...}}``; only
+    the first user message carries the ``<image>`` placeholder, before the question or (``image_first=False``)
+    after it. ``questions_per_image=None`` asks every type; ``caption=True`` adds a caption turn at a random
+    position (``questions_per_image=0, caption=True`` gives caption-only samples). Which questions a scene
+    gets is drawn once, in order, from ``rng_seed``.
+    """
+
+    def __init__(
+        self,
+        scenes: Sequence[ShapesScene],
+        questions_per_image: int | None = 1,
+        types: Iterable[str] | None = None,
+        caption: bool = False,
+        rng_seed: int = 0,
+        image_first: bool = True,
+    ) -> None:
+        types = tuple(types) if types is not None else QUESTION_TYPES
+        if unknown := set(types) - set(QUESTION_TYPES):
+            raise ValueError(f"unknown question types {sorted(unknown)}")
+        k = len(types) if questions_per_image is None else questions_per_image
+        if len(set(types)) < len(types) and k != 1:
+            raise ValueError("repeated question types (a weighted mix) need questions_per_image=1")
+        if not 0 <= k <= len(types) or k + caption == 0:
+            raise ValueError(f"questions_per_image must be in [0, {len(types)}] (and >0 unless caption=True)")
+        self.scenes, self.image_first = scenes, image_first
+        rng = random.Random(rng_seed)
+        self.turns: list[list[tuple[str, str, str]]] = []  # per scene: (question, answer, type)
+        for scene, chosen in zip(scenes, _turn_types(rng, len(scenes), types, k), strict=True):
+            turns = [(scene.qa[t].question, scene.qa[t].answer, t) for t in chosen]
+            if caption:
+                prompt = rng.choice(CAPTION_PROMPTS)
+                turns.insert(rng.randint(0, len(turns)), (prompt, scene.caption, "caption"))
+            self.turns.append(turns)
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        scene, turns = self.scenes[index], self.turns[index]
         meta = {
             "types": [t for *_, t in turns],
             "answers": [a for _, a, _ in turns],
@@ -470,23 +488,21 @@ def iter_samples(
             "variant": scene.variant,
             "source": "shapes",
         }
-        yield {"id": scene.id, "images": [scene.image()], "messages": messages, "meta": meta}
+        return {"id": scene.id, "images": [scene.image()], "messages": self.messages(index), "meta": meta}
+
+    def messages(self, index: int) -> list[dict[str, str]]:
+        """The conversation of sample `index` without rendering its image (e.g. for tokenizer training)."""
+        messages: list[dict[str, str]] = []
+        for i, (q, a, _) in enumerate(self.turns[index]):
+            if i == 0:
+                q = f"{IMAGE_TOKEN}\n{q}" if self.image_first else f"{q}\n{IMAGE_TOKEN}"
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        return messages
 
 
-def to_samples(
-    scenes: Sequence[ShapesScene],
-    questions_per_image: int | None = 1,
-    types: Iterable[str] | None = None,
-    caption: bool = False,
-    rng_seed: int = 0,
-) -> list[dict]:
-    """Common sample records, one per scene (``questions_per_image=None``: one turn per type).
-
-    ``{"id", "images": [PIL.Image], "messages": [{"role", "content"}, ...], "meta": {"types", ...}}``; only
-    the first user message carries the ``<image>`` placeholder. ``caption=True`` adds a caption turn at a
-    random position (``questions_per_image=0, caption=True`` gives caption-only samples).
-    """
-    return list(iter_samples(scenes, questions_per_image, types, caption, rng_seed))
+def to_samples(scenes: Sequence[ShapesScene], *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    """Every sample of :class:`ShapesSamples`, rendered now (small sets, tests, exports)."""
+    return list(ShapesSamples(scenes, *args, **kwargs))
 
 
 # ----------------------------------------------------------------------------------------- export
@@ -499,7 +515,7 @@ def export_llava(scenes: Sequence[ShapesScene], out_dir: str | Path, **to_sample
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     records = []
-    for s in iter_samples(scenes, **to_samples_kwargs):
+    for s in ShapesSamples(scenes, **to_samples_kwargs):
         rel = f"images/{s['id']}.png"
         s["images"][0].save(out / rel)
         conv = [{"from": _LLAVA_ROLES[m["role"]], "value": m["content"]} for m in s["messages"]]
@@ -514,7 +530,7 @@ def export_datasets(scenes: Sequence[ShapesScene], out_dir: str | Path, **to_sam
     import datasets
 
     rows: dict[str, list] = {"id": [], "image": [], "messages": []}
-    for s in iter_samples(scenes, **to_samples_kwargs):
+    for s in ShapesSamples(scenes, **to_samples_kwargs):
         buf = io.BytesIO()
         s["images"][0].save(buf, format="PNG")
         rows["id"].append(s["id"])

@@ -59,9 +59,13 @@ def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> None:
 
 
 def training_texts(datasets: list) -> list[str]:
-    return [
-        m["content"].replace("<image>", " ") for samples in datasets for s in samples for m in s["messages"]
-    ]
+    """Every message of every sample, for training a tokenizer; sources that can list their conversations
+    without loading images (`messages(i)`, e.g. shapes) are not made to render them."""
+    texts = []
+    for samples in datasets:
+        read = getattr(samples, "messages", None) or (lambda i, samples=samples: samples[i]["messages"])
+        texts += [m["content"].replace("<image>", " ") for i in range(len(samples)) for m in read(i)]
+    return texts
 
 
 def build(recipe: Recipe, stage_data: list, resume_from: Path | None, device: str):
