@@ -167,7 +167,8 @@ class Bench:
         out["prefill_s"] = median_seconds(prefill, device, cfg.repeats, cfg.warmup)
         with peak_memory(device) as peak:
             past = prefill().past_key_values
-        out["prefill_peak_mb"] = peak["bytes"] / 2**20
+        if peak["bytes"] is not None:
+            out["prefill_peak_mb"] = peak["bytes"] / 2**20
         out["kv_cache_mb"] = cache_bytes(past) / 2**20
         del past
         if cfg.measure_flops:

@@ -2,21 +2,17 @@
 
 Every figure is measured, none estimated: wall times are medians over repeats after a warm-up call,
 FLOPs come from torch's FLOP counter on the real forward, the KV-cache size from the cache the LLM
-actually returns. Peak memory is exact on CUDA (allocator statistics); on CPU it is the peak rise of
-the process's resident set during the call, sampled every millisecond (an upper-bound-ish proxy:
-allocator caching makes it depend on what ran before, so compare cases measured the same way).
+actually returns. Peak memory comes from the CUDA allocator and is reported on GPU only.
 """
 
 from __future__ import annotations
 
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
-import psutil
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -40,45 +36,23 @@ def median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int = 3
     return statistics.median(times)
 
 
-class _RssSampler(threading.Thread):
-    """Background thread recording the process's peak resident set size."""
-
-    def __init__(self, interval: float = 0.001) -> None:
-        super().__init__(daemon=True)
-        self.process, self.interval = psutil.Process(), interval
-        self.peak = self.baseline = self.process.memory_info().rss
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(self.interval)
-
-    def stop(self) -> int:
-        self._stop_event.set()
-        self.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
-        return self.peak - self.baseline
-
-
 @contextmanager
 def peak_memory(device: torch.device):
-    """Yields a dict whose "bytes" is filled on exit with the peak memory the block added."""
-    result = {"bytes": 0}
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
+    """Yields a dict whose "bytes" is set on exit to the peak memory the block allocated on `device`.
+
+    CUDA only: the caching allocator's statistics are exact. On CPU there is no allocator-level peak
+    (glibc's adaptive mmap threshold makes resident-set samples miss or inflate it), so "bytes" stays None.
+    """
+    result: dict[str, int | None] = {"bytes": None}
+    if device.type != "cuda":
         yield result
-        synchronize(device)
-        result["bytes"] = torch.cuda.max_memory_allocated(device) - before
         return
-    sampler = _RssSampler()
-    sampler.start()
-    try:
-        yield result
-    finally:
-        result["bytes"] = sampler.stop()
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    yield result
+    synchronize(device)
+    result["bytes"] = torch.cuda.max_memory_allocated(device) - before
 
 
 def count_flops(fn: Callable[[], object]) -> int:
