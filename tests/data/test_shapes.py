@@ -257,5 +257,6 @@ def test_samples_render_images_only_when_read(monkeypatch) -> None:
     assert [samples.messages(i) for i in range(len(samples))] and not rendered
     sample = samples[3]
     assert len(rendered) == 1 and sample["images"][0].size == (384, 384)
-    assert sample["messages"] == samples.messages(3) and sample["messages"][0]["content"].endswith("\n<image>")
+    assert sample["messages"] == samples.messages(3)
+    assert sample["messages"][0]["content"].endswith("\n<image>")
     assert S.ShapesSamples(scenes).messages(3)[0]["content"].startswith("<image>\n")
