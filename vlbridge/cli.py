@@ -63,10 +63,10 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _data(args: argparse.Namespace) -> None:
-    from .data import shapes
+    from .data import shapes, shapes_samples
 
     scenes = shapes.generate(args.variant, args.split, args.n, seed=args.seed)
-    export = {"llava": shapes.export_llava, "datasets": shapes.export_datasets}[args.format]
+    export = {"llava": shapes_samples.export_llava, "datasets": shapes_samples.export_datasets}[args.format]
     print(export(scenes, args.out, questions_per_image=args.questions_per_image))
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlbridge.data import shapes
+from vlbridge.data import shapes, shapes_samples
 from vlbridge.data.formats import (
     HFDatasetConfig,
     LlavaJsonConfig,
@@ -237,12 +237,16 @@ def test_hf_datasets_image_list_column_and_dict(tmp_path, offline_datasets) -> N
 
 def test_shapes_exports_load_back(tmp_path, offline_datasets) -> None:
     scenes = shapes.generate("base", "val", 4)
-    reference = shapes.to_samples(scenes, questions_per_image=2)
+    reference = shapes_samples.to_samples(scenes, questions_per_image=2)
     from_llava = load_source(
-        LlavaJsonConfig(path=str(shapes.export_llava(scenes, tmp_path / "llava", questions_per_image=2)))
+        LlavaJsonConfig(
+            path=str(shapes_samples.export_llava(scenes, tmp_path / "llava", questions_per_image=2))
+        )
     )
     from_hf = load_source(
-        HFDatasetConfig(path=str(shapes.export_datasets(scenes, tmp_path / "hf", questions_per_image=2)))
+        HFDatasetConfig(
+            path=str(shapes_samples.export_datasets(scenes, tmp_path / "hf", questions_per_image=2))
+        )
     )
     in_memory = load_source(
         DATA_FORMATS.config_class("shapes").model_validate(

@@ -237,6 +237,7 @@ class ShapesSourceConfig(DataSourceConfig):
 def shapes(cfg: ShapesSourceConfig) -> Sequence[dict]:
     """The synthetic shapes dataset, generated in memory (deterministic from the seed)."""
     from . import shapes as shapes_data
+    from .shapes_samples import ShapesSamples
 
     variant = shapes_data.resolve_variant(cfg.variant)
     if cfg.max_objects is not None:
@@ -247,7 +248,7 @@ def shapes(cfg: ShapesSourceConfig) -> Sequence[dict]:
             )
         variant = dataclasses.replace(variant, max_objects=cfg.max_objects)
     scenes = shapes_data.generate(variant, cfg.split, cfg.n, seed=cfg.seed)
-    return shapes_data.ShapesSamples(
+    return ShapesSamples(
         scenes,
         questions_per_image=cfg.questions_per_image,
         types=cfg.types,
