@@ -2,11 +2,14 @@
 
 Every figure is measured, none estimated: wall times are medians over repeats after a warm-up call,
 FLOPs come from torch's FLOP counter on the real forward, the KV-cache size from the cache the LLM
-actually returns. Peak memory comes from the CUDA allocator and is reported on GPU only.
+actually returns. Peak memory comes from the CUDA allocator on GPU and from the kernel's resident-set
+high-water mark on Linux CPUs.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -40,19 +43,52 @@ def median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int = 3
 def peak_memory(device: torch.device):
     """Yields a dict whose "bytes" is set on exit to the peak memory the block allocated on `device`.
 
-    CUDA only: the caching allocator's statistics are exact. On CPU there is no allocator-level peak
-    (glibc's adaptive mmap threshold makes resident-set samples miss or inflate it), so "bytes" stays None.
+    CUDA: the caching allocator's peak. CPU (Linux): growth of the resident-set high-water mark, reset
+    through /proc/self/clear_refs before the block. glibc's adaptive mmap threshold would otherwise let
+    freed tensors stay resident and be reused unseen, so the threshold is pinned at 1 MiB first: every
+    tensor above it is mapped on allocation and unmapped on free, and the high-water mark follows the live
+    tensors. Elsewhere "bytes" stays None.
     """
     result: dict[str, int | None] = {"bytes": None}
-    if device.type != "cuda":
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        yield result
+        synchronize(device)
+        result["bytes"] = torch.cuda.max_memory_allocated(device) - before
+        return
+    if not _cpu_peak_supported():
         yield result
         return
-    synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    before = _proc_status_bytes("VmRSS")
     yield result
-    synchronize(device)
-    result["bytes"] = torch.cuda.max_memory_allocated(device) - before
+    result["bytes"] = _proc_status_bytes("VmHWM") - before
+
+
+@functools.cache
+def _cpu_peak_supported() -> bool:
+    """Pin glibc's mmap threshold and check that the high-water mark can be reset (Linux only)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold = -3
+        if not libc.mallopt(m_mmap_threshold, 1 << 20):
+            return False
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _proc_status_bytes("VmHWM") > 0
+    except OSError:
+        return False
+
+
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {key} in /proc/self/status")
 
 
 def count_flops(fn: Callable[[], object]) -> int:

@@ -1,7 +1,8 @@
 """Checkpoint directories: Hugging Face-native files, written atomically, loaded back exactly.
 
 Layout: `config.json` (resolved VLConfig), `llm/` (base LLM, loadable by AutoModelForCausalLM),
-`frontend.safetensors`, `adapters/<group>/` (PEFT adapters, if any), tokenizer files.
+`frontend.safetensors`, `reducers.safetensors` (reducer parameters such as p-MoD routers, if any),
+`adapters/<group>/` (PEFT adapters, if any), tokenizer files.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .lora import clean_state_dict
 
 CONFIG_FILE = "config.json"
 FRONTEND_FILE = "frontend.safetensors"
+REDUCERS_FILE = "reducers.safetensors"
 
 
 @contextmanager
@@ -57,6 +59,9 @@ def write_model_files(model, out: Path, tokenizer=None) -> None:
     save_file(
         {k: v.contiguous() for k, v in clean_state_dict(model.frontend).items()}, str(out / FRONTEND_FILE)
     )
+    reducer_state = clean_state_dict(model.reducers)
+    if reducer_state:
+        save_file({k: v.contiguous() for k, v in reducer_state.items()}, str(out / REDUCERS_FILE))
     for group, module in model.lora_groups().items():
         module.save_pretrained(str(out / "adapters" / group))
     resolved = model.config.model_copy(deep=True)
@@ -67,8 +72,12 @@ def write_model_files(model, out: Path, tokenizer=None) -> None:
         tokenizer.save_pretrained(str(out))
 
 
-def load_model(path, *, device: str = "cpu", dtype=None):
-    """(VLModel, tokenizer) from a checkpoint directory written by `save_model`."""
+def load_model(path, *, device: str = "cpu", dtype=None, reducers: list | None = None):
+    """(VLModel, tokenizer) from a checkpoint directory written by `save_model`.
+
+    `reducers` (config sections or dicts) are added to those the checkpoint already has: training-free
+    ones (turbo, tome, fastv) switch on for any trained model this way.
+    """
     from transformers import AutoTokenizer
 
     from .modeling import VLModel
@@ -83,10 +92,16 @@ def load_model(path, *, device: str = "cpu", dtype=None):
         local = path / config.llm.name_or_path
         if local.exists():
             config.llm.name_or_path = str(local)
+    saved_reducers = len(config.reducers)
+    if reducers:
+        config.reducers = [*config.reducers, *reducers]
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = VLModel.from_config(config, tokenizer, device=device, dtype=dtype, load_weights=False)
     state = load_file(str(path / FRONTEND_FILE), device=str(device))
     model.frontend.load_state_dict(state, strict=True)
+    if (path / REDUCERS_FILE).is_file():
+        state = load_file(str(path / REDUCERS_FILE), device=str(device))
+        model.reducers[:saved_reducers].load_state_dict(state, strict=True)
     adapters = path / "adapters"
     for group_dir in sorted(adapters.iterdir()) if adapters.is_dir() else []:
         module = model.get_group(group_dir.name)

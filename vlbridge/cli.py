@@ -27,7 +27,7 @@ def _chat(args: argparse.Namespace) -> None:
     from .processing import VLProcessor
     from .tokenization import generation_kwargs
 
-    model, tokenizer = load_model(resolve_checkpoint(args.checkpoint))
+    model, tokenizer = load_model(resolve_checkpoint(args.checkpoint), reducers=reducer_sections(args))
     processor = VLProcessor(tokenizer, model.frontend, max_length=model.config.max_length)
     images = [load_image(p, "command line") for p in args.image]
     marks = "\n".join("<image>" for _ in images)
@@ -50,6 +50,22 @@ def _chat(args: argparse.Namespace) -> None:
         **batch, max_new_tokens=args.max_new_tokens, **generation_kwargs(tokenizer), **sampling
     )
     print(tokenizer.decode(tokens[0], skip_special_tokens=True).strip())
+
+
+def reducer_sections(args: argparse.Namespace) -> list[dict]:
+    """The `--reducer TYPE[:key=value,...]` options as reducer config sections."""
+    from .reducers import parse_reducer_spec
+
+    return [parse_reducer_spec(spec) for spec in getattr(args, "reducer", None) or []]
+
+
+def add_reducer_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--reducer",
+        action="append",
+        metavar="TYPE[:k=v,...]",
+        help="switch on a token reducer for this run, e.g. turbo:r=16 (repeatable)",
+    )
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -98,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=64)
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     chat.add_argument("--seed", type=int)
+    add_reducer_option(chat)
     chat.set_defaults(func=_chat)
 
     export = sub.add_parser("export", help="copy a checkpoint, optionally with LoRA merged into the weights")

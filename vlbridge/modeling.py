@@ -1,7 +1,8 @@
-"""VLModel: an unmodified Hugging Face causal LLM plus a front-end (and, later, reducers).
+"""VLModel: an unmodified Hugging Face causal LLM plus a front-end and optional token reducers.
 
 `forward` splices image embeddings into `inputs_embeds` and calls the LLM with labels;
 `generate` does the same for the prompt and then decodes with the LLM's ordinary KV cache.
+Reducers attach after the front-end and patch the tower or decoder layers in place.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from .errors import ConfigError
 from .families import choose_attention, choose_dtype
 from .frontends.base import Frontend
 from .lora import merge
-from .registry import FRONTENDS
+from .reducers.base import Meter, Reducer
+from .registry import FRONTENDS, REDUCERS
 
 
 def text_config_of(llm: PreTrainedModel):
@@ -45,12 +47,23 @@ def build_llm(config: VLConfig, tokenizer, device: str = "cpu", dtype: torch.dty
 class VLModel(nn.Module):
     """language_model (any AutoModelForCausalLM, possibly PEFT-wrapped) + frontend."""
 
-    def __init__(self, config: VLConfig, language_model: PreTrainedModel, frontend: Frontend) -> None:
+    def __init__(
+        self,
+        config: VLConfig,
+        language_model: PreTrainedModel,
+        frontend: Frontend,
+        reducers: list[Reducer] | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         self.language_model = language_model
         self.frontend = frontend
+        self.reducers = nn.ModuleList(reducers or [])
+        self.meter: Meter | None = None  # set a Meter to record what the reducers do
+        self._visual_mask: torch.Tensor | None = None
         frontend.attach(language_model)
+        for reducer in self.reducers:
+            reducer.attach(self)
 
     @classmethod
     def from_config(
@@ -71,7 +84,8 @@ class VLModel(nn.Module):
         frontend = frontend_cls(config.frontend, text_config_of(llm), load_weights=load_weights)
         frontend.bind_tokenizer(tokenizer)
         dtype = llm.get_input_embeddings().weight.dtype
-        return cls(config, llm, frontend.to(dtype)).to(device)
+        reducers = [REDUCERS.get(section.type)(section) for section in config.reducers]
+        return cls(config, llm, frontend.to(dtype), [r.to(dtype) for r in reducers]).to(device)
 
     @classmethod
     def from_pretrained(cls, path, *, device: str = "cpu"):
@@ -93,6 +107,11 @@ class VLModel(nn.Module):
         return {
             "llm": "language_model",
             **{k: f"frontend.{v}" for k, v in self.frontend.group_paths().items()},
+            **{
+                k: f"reducers.{i}.{v}"
+                for i, reducer in enumerate(self.reducers)
+                for k, v in reducer.group_paths().items()
+            },
         }
 
     def get_group(self, name: str) -> nn.Module:
@@ -120,7 +139,23 @@ class VLModel(nn.Module):
     def embed(self, input_ids: torch.Tensor, pixel_values=None) -> torch.Tensor:
         """Token embeddings with image features spliced in: [B, T, D]."""
         inputs_embeds = self.language_model.get_input_embeddings()(input_ids)
+        self._visual_mask = self.frontend.visual_mask(input_ids) if len(self.reducers) else None
         return self.frontend.embed(input_ids, inputs_embeds, pixel_values)
+
+    def visual_mask_for(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """Which positions of the sequence an LLM layer is running on are visual tokens [B, T] (bool).
+
+        None when the layer sees something other than the prompt `embed` last prepared: decode steps
+        (new text tokens only) and text-only batches. Beam search and `num_return_sequences` repeat each
+        prompt consecutively, so the prompt's mask is repeat-interleaved to the LLM's batch.
+        """
+        mask = self._visual_mask
+        if mask is None or hidden_states.shape[1] != mask.shape[1] or not mask.any():
+            return None
+        batch = hidden_states.shape[0]
+        if batch != mask.shape[0]:
+            mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)
+        return mask
 
     def forward(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -77,6 +78,22 @@ class Frontend(nn.Module, ABC):
         """Added tokens whose LLM embedding rows carry meaning, so they train even under LoRA on the LLM
         (PEFT trainable tokens). Placeholders that `embed` overwrites need none."""
         return []
+
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Positions holding image content [B, T] (bool): what in-LLM reducers may route or prune."""
+        return input_ids == self.image_token_id
+
+    def reduce_tower(self, patch: Callable[[VisionTower], None], reducer: str) -> None:
+        """Let a tower reducer patch this front-end's vision tower, then recount the placeholders.
+
+        Front-ends whose later stages need the tower's full 2-D grid (crop stitching, multiscale
+        pooling, a learned per-position embedding) or that have no tower refuse.
+        """
+        raise ConfigError(
+            f"reducer {reducer!r} shortens the vision tower's token sequence, which the "
+            f"{self.config.type!r} front-end does not support; use it with the 'llava' front-end, or "
+            "use an in-LLM reducer (pmod, fastv)"
+        )
 
     def resolved_config(self) -> FrontendConfig:
         """This front-end's config with every pretrained reference replaced by what a checkpoint holds."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from pydantic import Field
 from transformers import PretrainedConfig
 
 from ..config import ConnectorConfig, FrontendConfig, ImageConfig, VisionTowerConfig
 from ..connectors import Connector
+from ..errors import ConfigError
 from ..image_processing import ImageProcessor
 from ..registry import FRONTENDS
 from ..vision_towers import VisionTower
@@ -47,6 +50,18 @@ class LlavaFrontend(Frontend):
 
     def group_paths(self) -> dict[str, str]:
         return {"vision_tower": "vision_tower.model", "connector": "connector"}
+
+    def reduce_tower(self, patch: Callable[[VisionTower], None], reducer: str) -> None:
+        connector = self.config.connector
+        if connector.merge > 1 or connector.position_embedding:
+            raise ConfigError(
+                f"reducer {reducer!r} merges vision tokens, so they no longer form a grid; it cannot be "
+                "combined with frontend.connector.merge > 1 or connector.position_embedding (both need the "
+                "tower's full grid): set merge: 1 and position_embedding: false"
+            )
+        patch(self.vision_tower)
+        features, _ = probe_tower(self.vision_tower, self.image_processor.size)
+        self._tokens_per_image = features.shape[1]
 
     def resolved_config(self) -> LlavaConfig:
         resolved = self.config.model_copy(deep=True)

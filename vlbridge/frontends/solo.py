@@ -133,6 +133,11 @@ class SoloFrontend(Frontend):
     def group_paths(self) -> dict[str, str]:
         return {"patch_proj": "patch_proj"}
 
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Patches and row separators (the image body; start/end markers stay text-like)."""
+        body = [self.image_token_id, self.special_token_ids[self.special_tokens().index(ROW_SEP)]]
+        return torch.isin(input_ids, torch.tensor(body, device=input_ids.device))
+
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Patches [N, 3·P²] -> W_p·patch [N, D] (one row per `<vpatch>` slot, not per image)."""
         return self.patch_proj(pixel_values.to(self.patch_proj.weight.dtype))

@@ -1,0 +1,30 @@
+"""Measurement primitives: CPU peak memory follows the live tensors of the measured block."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from vlbridge.eval.efficiency import peak_memory
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU peak reads Linux's /proc")
+def test_cpu_peak_memory_matches_the_largest_live_set():
+    mb = 2**20
+    with peak_memory(CPU) as small:
+        a = torch.ones(16 * mb // 4)  # 16 MiB live
+        del a
+    with peak_memory(CPU) as large:
+        a = torch.ones(64 * mb // 4)
+        b = torch.ones(64 * mb // 4)  # 128 MiB live at the peak
+        del a, b
+    # A block that frees what an earlier one allocated must not inherit its peak (the mark is reset).
+    with peak_memory(CPU) as again_small:
+        c = torch.ones(16 * mb // 4)
+        del c
+    assert 15 * mb <= small["bytes"] <= 24 * mb
+    assert 127 * mb <= large["bytes"] <= 140 * mb
+    assert 15 * mb <= again_small["bytes"] <= 24 * mb

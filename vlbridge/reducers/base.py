@@ -1,0 +1,62 @@
+"""The reducer interface: plug-ins that change how many visual tokens a built VLModel pays for.
+
+Two kinds exist. *Tower* reducers (Turbo, ToMe) shorten the vision tower's token sequence, so the
+front-end must agree to it (`Frontend.reduce_tower`) and recount its placeholders. *LLM* reducers
+(p-MoD, FastV) act inside decoder layers; they read which positions of the current sequence are
+visual from `VLModel.visual_mask_for`, which `VLModel.embed` fills before every LLM call.
+
+Reducers never add modules inside the LLM or the tower (state dicts stay loadable by transformers):
+they patch forwards in place and keep their own parameters (p-MoD routers) on themselves, saved in
+`reducers.safetensors` beside the front-end.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from ..config import ReducerConfig
+
+if TYPE_CHECKING:
+    from ..modeling import VLModel
+
+
+class Reducer(nn.Module, ABC):
+    """A token reducer built from its config section and attached once to a VLModel."""
+
+    def __init__(self, config: ReducerConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    @abstractmethod
+    def attach(self, model: VLModel) -> None:
+        """Patch the model (tower blocks or decoder layers); called once, after the front-end attached."""
+
+    def group_paths(self) -> dict[str, str]:
+        """Trainable parts (name -> attribute path relative to this reducer), e.g. p-MoD's routers."""
+        return {}
+
+
+@dataclass
+class Meter:
+    """What the reducers did on the last forward passes: counts per named stage, appended in call order.
+
+    Off by default (`VLModel.meter = Meter()` turns it on): reducers call `record` only when one is set,
+    so a plain run pays nothing. Benchmarks read it after a prefill; `reset` between measurements.
+    """
+
+    records: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
+
+    def record(self, key: str, value: Any) -> None:
+        self.records[key].append(value)
+
+    def last(self, key: str, default: Any = None) -> Any:
+        values = self.records.get(key)
+        return values[-1] if values else default
+
+    def reset(self) -> None:
+        self.records.clear()
