@@ -382,3 +382,6 @@ def test_shapes_max_objects_narrows_the_variant() -> None:
     assert all(lone in q for q in questions)
     with pytest.raises(ConfigError, match=r"max_objects=4 is outside the 'base' variant's range \[1, 3\]"):
         load_source(cfg.model_validate({"type": "shapes", "n": 4, "max_objects": 4}))
+    # Below a variant's minimum narrows it too (a lone-object stage on the crowded `many` scenes).
+    crowded = source | {"variant": "many", "max_objects": 1}
+    assert all(lone in s["messages"][0]["content"] for s in load_source(cfg.model_validate(crowded)))

@@ -241,12 +241,14 @@ def shapes(cfg: ShapesSourceConfig) -> Sequence[dict]:
 
     variant = shapes_data.resolve_variant(cfg.variant)
     if cfg.max_objects is not None:
-        if not variant.min_objects <= cfg.max_objects <= variant.max_objects:
+        if not 1 <= cfg.max_objects <= variant.max_objects:
             raise ConfigError(
                 f"shapes max_objects={cfg.max_objects} is outside the {variant.name!r} variant's range "
-                f"[{variant.min_objects}, {variant.max_objects}]"
+                f"[1, {variant.max_objects}]"
             )
-        variant = dataclasses.replace(variant, max_objects=cfg.max_objects)
+        variant = dataclasses.replace(
+            variant, min_objects=min(variant.min_objects, cfg.max_objects), max_objects=cfg.max_objects
+        )
     scenes = shapes_data.generate(variant, cfg.split, cfg.n, seed=cfg.seed)
     return ShapesSamples(
         scenes,
