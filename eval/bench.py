@@ -13,7 +13,7 @@ import gc
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from PIL import Image
@@ -27,11 +27,27 @@ from vlbridge.families import choose_dtype
 from vlbridge.modeling import VLModel
 from vlbridge.processing import VLProcessor, pad_batch
 from vlbridge.recipe import LoRASettings, Mode, StageConfig, load_yaml_config
+from vlbridge.reducers import Meter
 from vlbridge.registry import FRONTENDS
 from vlbridge.tokenization import add_frontend_tokens, generation_kwargs, train_bpe
 from vlbridge.training.stages import apply_stage
 
-from .efficiency import cache_bytes, count_flops, median_seconds, parameter_counts, peak_memory
+from .efficiency import (
+    cache_bytes,
+    cache_lengths,
+    count_flops_by_module,
+    median_seconds,
+    parameter_counts,
+    peak_memory,
+)
+from .flops import (
+    DecoderShape,
+    connector_flops,
+    llm_prefill_flops,
+    reducer_overhead_flops,
+    vit_prefill_flops,
+    vit_tokens,
+)
 
 _WORDS = (
     "the red circle is left of a small blue square above two green triangles near a large diamond".split()
@@ -58,6 +74,8 @@ class BenchConfig(Strict):
     prompt_words: int = Field(default=32, ge=1)
     answer_words: int = Field(default=16, ge=1)
     new_tokens: int = Field(default=32, ge=0)  # 0: no generation measurement (prefill-only sweeps)
+    # logits of every prompt position (a training-style forward) or of the last one (what generate runs)
+    prefill_logits: Literal["all", "last"] = "all"
     warmup: int = Field(default=1, ge=0)  # untimed calls before each timing
     vocab_size: int = Field(default=512, ge=300)  # BPE the prompts are written in (the LLM's may be larger)
     lora: LoRASettings = Field(default_factory=LoRASettings)
@@ -75,17 +93,41 @@ class BenchConfig(Strict):
 
 METRICS: dict[str, tuple[str, str]] = {  # key -> (column title, format)
     "visual_tokens": ("visual tok", "{:,.0f}"),
+    "llm_visual_kept": ("LLM visual kept", "{:.3f}"),  # mean over decoder layers of processed / entering
     "sequence_length": ("seq len", "{:,.0f}"),
     "trainable_params": ("trainable", "{:,.0f}"),
     "train_step_s": ("train step s", "{:.4f}"),
-    "prefill_s": ("prefill s", "{:.4f}"),
-    "generate_s": ("generate s", "{:.4f}"),
+    "embed_s": ("front-end s", "{:.4f}"),  # tower + connector + splice
+    "llm_prefill_s": ("LLM prefill s", "{:.4f}"),
+    "prefill_s": ("prefill s", "{:.4f}"),  # front-end + LLM prefill
+    "generate_s": ("generate s", "{:.4f}"),  # end to end: prefill + new_tokens decode steps
     "decode_tokens_per_s": ("decode tok/s", "{:,.1f}"),
     "prefill_peak_mb": ("prefill peak MB", "{:,.1f}"),
     "prefill_gflops": ("prefill GFLOPs", "{:,.2f}"),
+    "tower_gflops": ("front-end GFLOPs", "{:,.2f}"),
+    "tower_gflops_analytic": ("front-end GFLOPs formula", "{:,.2f}"),  # ViT towers (llava) only
+    "llm_gflops": ("LLM GFLOPs", "{:,.2f}"),
+    "llm_gflops_analytic": ("LLM GFLOPs formula", "{:,.2f}"),
     "kv_cache_mb": ("KV cache MB", "{:,.2f}"),
 }
-RATIO_KEYS = ("train_step_s", "prefill_s", "generate_s", "prefill_gflops", "kv_cache_mb", "trainable_params")
+RATIO_KEYS = (
+    "train_step_s",
+    "embed_s",
+    "llm_prefill_s",
+    "prefill_s",
+    "generate_s",
+    "decode_tokens_per_s",
+    "prefill_gflops",
+    "tower_gflops",
+    "tower_gflops_analytic",
+    "llm_gflops",
+    "llm_gflops_analytic",
+    "kv_cache_mb",
+    "trainable_params",
+)
+
+
+_VITS = ("clip_vision_model", "siglip_vision_model")  # towers the analytic ViT formula covers
 
 
 def _device(requested: str) -> torch.device:
@@ -157,12 +199,15 @@ class Bench:
             "frontend": model.config.frontend.type,
             "visual_tokens": int(visual.sum()),
             "sequence_length": ids.shape[1],
+            "text_tokens": ids.shape[1] - int(visual.sum()),
             "total_params": parameter_counts(model)[1],
         }
 
+        logits = {"logits_to_keep": 1} if cfg.prefill_logits == "last" else {}
+
         @torch.no_grad()
         def prefill():
-            return model(**batch, use_cache=True)
+            return model(**batch, use_cache=True, **logits)
 
         out["prefill_s"] = median_seconds(prefill, device, cfg.repeats, cfg.warmup)
         with peak_memory(device) as peak:
@@ -170,13 +215,80 @@ class Bench:
         if peak["bytes"] is not None:
             out["prefill_peak_mb"] = peak["bytes"] / 2**20
         out["kv_cache_mb"] = cache_bytes(past) / 2**20
+        out["cache_lengths"] = cache_lengths(past)  # entries per decoder layer (per row)
         del past
+        out.update(self._split_times(model, batch, logits))
+        out.update(self._token_stages(model, batch, prefill))
         if cfg.measure_flops:
-            out["prefill_gflops"] = count_flops(prefill) / 1e9
+            out.update(self._flops(model, batch, prefill, out))
         if cfg.new_tokens:
             out.update(self._generate(model, tokenizer, batch, out["prefill_s"]))
         if case.train_modules:
             out.update(self._train_step(model, processor, case, image))
+        return out
+
+    def _split_times(self, model, batch, logits: dict[str, int]) -> dict[str, Any]:
+        """The prefill in two parts: the front-end (tower, connector, splice) and the LLM on its output."""
+        cfg, device = self.config, self.device
+
+        @torch.no_grad()
+        def embed():
+            return model.embed(batch["input_ids"], batch["pixel_values"])
+
+        embed_s = median_seconds(embed, device, cfg.repeats, cfg.warmup)
+        embeds = embed()  # also sets the visual mask the in-LLM reducers read
+
+        @torch.no_grad()
+        def llm():
+            return model.language_model(
+                inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=True, **logits
+            )
+
+        return {"embed_s": embed_s, "llm_prefill_s": median_seconds(llm, device, cfg.repeats, cfg.warmup)}
+
+    @staticmethod
+    def _token_stages(model, batch, prefill) -> dict[str, Any]:
+        """Visual tokens per stage from one metered prefill: leaving the tower (per image, per block
+        when a tower reducer merged), entering the LLM, and processed by every decoder layer."""
+        model.meter = meter = Meter()
+        try:
+            prefill()
+        finally:
+            model.meter = None
+        visual_in = model.frontend.visual_mask(batch["input_ids"]).sum(1).tolist()
+        depth = model.language_model.config.get_text_config().num_hidden_layers
+        layers = [sum(row) for row in meter.visual_per_layer(depth, visual_in)]
+        out: dict[str, Any] = {"layer_visual_tokens": layers}
+        if sum(visual_in):
+            out["llm_visual_kept"] = sum(layers) / (depth * sum(visual_in))
+        if (tower := meter.last(Meter.TOWER_TOKENS)) is not None:
+            out["tower_tokens"] = list(tower)
+        return out
+
+    def _flops(self, model, batch, prefill, measured: dict[str, Any]) -> dict[str, Any]:
+        """torch's FLOP counter, split into front-end and LLM (in-LLM reducers' routers and scores run
+        inside the decoder layers, so they count there), beside the analytic formulas (eval/flops.py)
+        evaluated on the token counts this prefill used."""
+        counted = count_flops_by_module(prefill, ("VLModel.frontend", "VLModel.language_model"))
+        batch_size, seq = batch["input_ids"].shape
+        shape = DecoderShape.of(model.language_model.config)
+        positions = 1 if self.config.prefill_logits == "last" else seq
+        llm = llm_prefill_flops(shape, measured["cache_lengths"], batch=batch_size, logits=positions)
+        llm += reducer_overhead_flops(model.reducers, shape, batch_size, seq)
+        out = {
+            "prefill_gflops": sum(counted.values()) / 1e9,
+            "tower_gflops": counted["VLModel.frontend"] / 1e9,
+            "llm_gflops": counted["VLModel.language_model"] / 1e9,
+            "llm_gflops_analytic": llm / 1e9,
+        }
+        tower = getattr(model.frontend, "vision_tower", None)
+        if model.config.frontend.type == "llava" and tower.model.config.model_type in _VITS:
+            config = tower.model.config
+            tokens = measured.get("tower_tokens") or vit_tokens(config, tower.family.has_cls)
+            visual = int(model.frontend.visual_mask(batch["input_ids"]).sum())  # connector outputs
+            front = vit_prefill_flops(config, tokens, images=batch_size)
+            front += connector_flops(model.frontend.connector, visual)
+            out["tower_gflops_analytic"] = front / 1e9
         return out
 
     def _generate(self, model, tokenizer, batch, prefill_s: float) -> dict[str, Any]:

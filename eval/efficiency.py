@@ -93,9 +93,38 @@ def _proc_status_bytes(key: str) -> int:
 
 def count_flops(fn: Callable[[], object]) -> int:
     """Floating-point operations of one call (matmuls, convolutions, attention), as torch counts them."""
+    return sum(count_flops_by_module(fn).values())
+
+
+def count_flops_by_module(fn: Callable[[], object], prefixes: tuple[str, ...] = ()) -> dict[str, int]:
+    """FLOPs of one call split by module: for each of `prefixes` (dotted paths from the root module,
+    e.g. "VLModel.language_model"), the FLOPs run while it was active; "other" holds the rest. A module
+    called from inside another counts in both (give disjoint prefixes)."""
+    _count_cpu_attention()
     with FlopCounterMode(display=False) as counter:
         fn()
-    return counter.get_total_flops()
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    parts = {prefix: _inside(counts, prefix) for prefix in prefixes}
+    return {**parts, "other": counts.get("Global", 0) - sum(parts.values())}
+
+
+def _inside(counts: dict[str, int], prefix: str) -> int:
+    """FLOPs of the outermost modules called at or under `prefix` (a module reached only through
+    method calls, like a front-end, has no entry of its own; its children do)."""
+    under = [name for name in counts if name == prefix or name.startswith(prefix + ".")]
+    outermost = [n for n in under if not any(n != m and n.startswith(m + ".") for m in under)]
+    return sum(counts[name] for name in outermost)
+
+
+@functools.cache
+def _count_cpu_attention() -> None:
+    """torch's FLOP counter knows the CUDA SDPA kernels but not the CPU one, so attention went uncounted
+    on CPU; register it with the same formula (2·b·h·s_q·s_k·(d_q + d_v), GQA-aware)."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop
+
+    target = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if target is not None and target not in flop_registry:
+        register_flop_formula(target, get_raw=True)(sdpa_flop)  # sdpa_flop already maps tensors to shapes
 
 
 def cache_bytes(past_key_values) -> int:
@@ -125,3 +154,8 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def cache_lengths(past_key_values) -> list[int]:
+    """Entries per decoder layer of a transformers KV cache (reduced layers hold fewer)."""
+    return [layer.get_seq_length() for layer in past_key_values.layers]

@@ -94,7 +94,14 @@ def load_model(path, *, device: str = "cpu", dtype=None, reducers: list | None =
             config.llm.name_or_path = str(local)
     saved_reducers = len(config.reducers)
     if reducers:
-        config.reducers = [*config.reducers, *reducers]
+        from pydantic import ValidationError
+
+        from .recipe import format_validation_error
+
+        try:
+            config.reducers = [*config.reducers, *reducers]
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err, "--reducer options", what="reducer")) from None
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = VLModel.from_config(config, tokenizer, device=device, dtype=dtype, load_weights=False)
     state = load_file(str(path / FRONTEND_FILE), device=str(device))

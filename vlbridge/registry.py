@@ -75,6 +75,9 @@ _BUILTIN_MODULES = (
     "vlbridge.connectors",
     "vlbridge.vision_towers",
     "vlbridge.reducers",
+    "vlbridge.reducers.pmod",  # in-LLM reducers
+    "vlbridge.reducers.fastv",
+    "vlbridge.reducers.turbo",
     "vlbridge.data.formats",
 )
 _loaded = False

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 from torch import nn
+from vlbridge.eval.bench import Bench, BenchConfig
 
 from vlbridge.cli import main
 from vlbridge.config import deep_merge
+from vlbridge.recipe import load_yaml_config
+from vlbridge.reducers.pmod import PModConfig, host_budget
 from vlbridge.testing import TINY_FRONTEND_CONFIGS, TINY_LLM_CONFIGS, tiny_model, tiny_vl_config
 
 LORA_R = 4
@@ -119,3 +123,84 @@ def test_unknown_baseline_is_a_one_line_error(tmp_path, capsys):
     assert main(["bench", str(path)]) == 2
     err = capsys.readouterr().err
     assert "baseline 'nope' is not one of the cases ['a']" in err and "Traceback" not in err
+
+
+# -- reducers: visual tokens per stage, per-layer cache, FLOPs by formula and by counter ----------------
+@pytest.fixture(scope="module")
+def reducer_run(tmp_path_factory):
+    """A 4-layer tiny LLaVA (16 visual tokens) dense, with p-MoD, FastV (K=2, R=0.5) and ToMe (r=2)."""
+    tmp = tmp_path_factory.mktemp("bench_reducers")
+    llava = tiny_vl_config("llama", "clip_vision_model", llm={"config": {"num_hidden_layers": 4}})
+    defaults = deep_merge(llava.model_dump(mode="json"), {"frontend": {"connector": {"merge": 1}}})
+    reducers = {"pmod": {"type": "pmod"}, "fastv": {"type": "fastv"}, "tome": {"type": "tome", "r": 2}}
+    config = {
+        "name": "tiny_reducers",
+        "baseline": "dense",
+        "defaults": defaults,
+        "repeats": 1,
+        "warmup": 0,
+        "prompt_words": 6,
+        "new_tokens": 2,
+        "prefill_logits": "last",
+        "cases": [
+            {"name": "dense", "image_size": 32},
+            *({"name": name, "image_size": 32, "model": {"reducers": [r]}} for name, r in reducers.items()),
+        ],
+    }
+    path = tmp / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp / "out"
+    assert main(["bench", str(path), "--output", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    return out, {r["name"]: r for r in results}
+
+
+def test_per_layer_visual_tokens_and_cache_entries(reducer_run):
+    _, results = reducer_run
+    dense, pmod, fastv, tome = (results[n] for n in ("dense", "pmod", "fastv", "tome"))
+    seq, visual = dense["sequence_length"], dense["visual_tokens"]
+    assert visual == 16 and dense["text_tokens"] == seq - 16
+    assert dense["layer_visual_tokens"] == [16] * 4 and dense["cache_lengths"] == [seq] * 4
+    kept = [16] + [host_budget([16], r)[0] for r in PModConfig().layer_ratios(4)[1:]]
+    assert pmod["layer_visual_tokens"] == kept == [16, 12, 4, 2]
+    assert pmod["cache_lengths"] == [seq - 16 + k for k in kept]
+    assert pmod["llm_visual_kept"] == pytest.approx(sum(kept) / 64)
+    assert fastv["layer_visual_tokens"] == [16, 16, 8, 8]
+    assert fastv["cache_lengths"] == [seq, seq, seq - 8, seq - 8]
+    assert tome["tower_tokens"] == [17, 15, 15]  # CLS + 16 patches; block 0 merges 2, the last is unused
+    assert tome["visual_tokens"] == 14 and tome["layer_visual_tokens"] == [14] * 4
+    llm = TINY_LLM_CONFIGS["llama"]
+    per_entry = 2 * llm["num_key_value_heads"] * (llm["hidden_size"] // llm["num_attention_heads"]) * 4
+    for r in results.values():  # KV bytes read from the cache = Σ_l 2·n_l·d_kv·bytes
+        assert r["kv_cache_mb"] * 2**20 == sum(r["cache_lengths"]) * per_entry
+    assert pmod["kv_cache_mb_ratio"] == pytest.approx(sum(pmod["cache_lengths"]) / (4 * seq))
+
+
+def test_flops_by_counter_match_the_formulas(reducer_run):
+    _, results = reducer_run
+    for name, r in results.items():
+        assert r["llm_gflops"] == pytest.approx(r["llm_gflops_analytic"], rel=1e-12), name
+        assert r["prefill_gflops"] == pytest.approx(r["tower_gflops"] + r["llm_gflops"], rel=1e-12)
+    assert results["dense"]["tower_gflops"] == pytest.approx(results["dense"]["tower_gflops_analytic"])
+    tome = results["tome"]  # the formula leaves out the bipartite matching's similarity matmul
+    assert tome["tower_gflops_analytic"] < tome["tower_gflops"] < 1.01 * tome["tower_gflops_analytic"]
+    assert results["pmod"]["llm_gflops_ratio"] < results["fastv"]["llm_gflops_ratio"] < 1
+    assert results["tome"]["tower_gflops_ratio"] < 1
+
+
+def test_reducer_report_columns(reducer_run):
+    out, results = reducer_run
+    report = (out / "report.md").read_text()
+    for column in ("LLM visual kept", "front-end s", "LLM prefill s", "LLM GFLOPs formula", "KV cache MB"):
+        assert column in report
+    assert "| pmod | 32 | 16 | 0.531 |" in report
+    assert all(r["embed_s"] > 0 and r["llm_prefill_s"] > 0 for r in results.values())
+
+
+def test_shipped_reducer_benchmark_is_valid():
+    path = Path(__file__).parents[2] / "eval" / "benchmarks" / "reducers.yaml"
+    config = load_yaml_config(path, BenchConfig, [], what="benchmark")
+    bench = Bench(config)
+    kinds = {case.name: [r.type for r in bench.case_config(case).reducers] for case in config.cases}
+    assert kinds["dense"] == [] and kinds["pmod"] == ["pmod"] and kinds["fastv"] == ["fastv"]
+    assert {"turbo_r16", "turbo_50", "turbo_75", "tome_r16"} <= set(kinds)

@@ -66,3 +66,12 @@ def test_solo_visual_mask_covers_patches_and_row_separators_only():
     tokens = tokenizer.convert_ids_to_tokens(ids[mask].tolist())
     assert set(tokens) == {"<vpatch>", "<vrow_sep>"}
     assert "<vision>" in tokenizer.convert_ids_to_tokens(ids[~mask].tolist())
+
+
+def test_a_bad_reducer_added_at_load_time_is_a_config_error(tmp_path):
+    from vlbridge.checkpoint import load_model
+
+    model, tokenizer, _ = tiny_model(frontend={"type": "llava", "connector": {"merge": 1}})
+    model.save_pretrained(tmp_path, tokenizer)
+    with pytest.raises(ConfigError, match="invalid reducer --reducer options"):
+        load_model(tmp_path, reducers=[{"type": "turbo", "no_such_option": 1}])

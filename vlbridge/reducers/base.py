@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 class Reducer(nn.Module, ABC):
     """A token reducer built from its config section and attached once to a VLModel."""
 
+    # False when the LLM's layers stop sharing one KV-cache layout (p-MoD, FastV keep fewer entries in some
+    # layers): code that splices or pads caches row-wise (serving engines) must then refuse the model.
+    aligned_cache = True
+
     def __init__(self, config: ReducerConfig) -> None:
         super().__init__()
         self.config = config
@@ -41,13 +45,29 @@ class Reducer(nn.Module, ABC):
         return {}
 
 
+@dataclass(frozen=True)
+class LayerCount:
+    """Tokens one decoder layer processed on a prompt forward, per sample (padding excluded)."""
+
+    layer: int
+    visual: tuple[int, ...]  # visual tokens the layer ran on (queries, keys and cache entries)
+    tokens: tuple[int, ...]  # all tokens it ran on
+
+
 @dataclass
 class Meter:
     """What the reducers did on the last forward passes: counts per named stage, appended in call order.
 
     Off by default (`VLModel.meter = Meter()` turns it on): reducers call `record` only when one is set,
     so a plain run pays nothing. Benchmarks read it after a prefill; `reset` between measurements.
+
+    Keys in use: `LLM_LAYER` (a `LayerCount` from every decoder layer an in-LLM reducer shortened; layers
+    without a record ran on every token), `TOWER_TOKENS` (tower reducers: tokens per image entering the
+    first block and leaving each block), `pmod.keep` / `fastv.keep` (`(layer, [B, T] bool kept mask)`).
     """
+
+    LLM_LAYER = "llm.layer"
+    TOWER_TOKENS = "tower.tokens"
 
     records: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
 
@@ -60,3 +80,16 @@ class Meter:
 
     def reset(self) -> None:
         self.records.clear()
+
+    def record_layer(self, layer: int, visual: list[int], tokens: list[int]) -> None:
+        self.record(self.LLM_LAYER, LayerCount(layer, tuple(visual), tuple(tokens)))
+
+    def llm_layers(self) -> dict[int, LayerCount]:
+        """The latest `LayerCount` of every decoder layer that recorded one."""
+        return {count.layer: count for count in self.records.get(self.LLM_LAYER, [])}
+
+    def visual_per_layer(self, num_layers: int, visual_in: list[int]) -> list[list[int]]:
+        """Visual tokens each of `num_layers` decoder layers processed, per sample; layers with no record
+        ran on all `visual_in` (the visual tokens that entered the LLM)."""
+        layers = self.llm_layers()
+        return [list(layers[i].visual) if i in layers else list(visual_in) for i in range(num_layers)]
