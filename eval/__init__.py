@@ -1,1 +1,7 @@
-"""Evaluation (installed as `vlbridge.eval`): VQA scoring today; benchmark suites build on it."""
+"""Evaluation (installed as `vlbridge.eval`).
+
+- `vlbridge eval`: task YAMLs (`tasks/`) grouped into suites (`suites/`), data loaders (`loaders/`), official
+  metrics (`metrics/`), one loop (`runner.py`) over a checkpoint or an OpenAI-compatible endpoint
+  (`backends/`), reports (`report.py`) and run comparisons (`compare.py`).
+- `vqa.py`: the held-out accuracy training reports; `bench.py` / `efficiency.py`: `vlbridge bench`.
+"""

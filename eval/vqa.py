@@ -1,29 +1,23 @@
-"""Exact-match VQA evaluation by batched greedy generation, with per-question-type accuracy.
+"""Held-out VQA accuracy after training: greedy answers to recipe eval samples, normalised exact match per
+question type, and majority-answer baselines. Runs through the eval runner's loop and model backend.
 
-A sample's last assistant message is the reference answer; everything before it is the prompt.
-Question types come from `sample["meta"]["types"]` when the source provides them (shapes does).
+A sample's last assistant message is the reference answer; everything before it is the prompt (laid out
+as the recipe's data laid it out). Question types come from `sample["meta"]["types"]` (shapes has them).
 """
 
 from __future__ import annotations
 
-import re
-import string
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
-from tqdm.auto import tqdm
-
 from vlbridge.data.formats import load_image
-from vlbridge.tokenization import generation_kwargs
 
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+from .backends import ModelBackend, Request
+from .metrics.match import normalize_basic as normalize_answer
+from .runner import generate_all
 
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, drop punctuation and surrounding whitespace (exact match after this)."""
-    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+__all__ = ["VQAResult", "evaluate_vqa", "majority_baselines", "normalize_answer"]
 
 
 def question_type(sample: dict) -> str:
@@ -49,7 +43,11 @@ class VQAResult:
         }
 
 
-@torch.no_grad()
+def _request(sample: dict) -> Request:
+    images = [load_image(ref, str(sample.get("id"))) for ref in sample.get("images", [])]
+    return Request(sample["messages"][:-1], images)
+
+
 def evaluate_vqa(
     model,
     processor,
@@ -60,31 +58,29 @@ def evaluate_vqa(
     progress: bool = True,
 ) -> VQAResult:
     """Greedy answers for every sample, scored by normalised exact match."""
-    model.eval()
-    tokenizer = processor.tokenizer
+    backend = ModelBackend(model, processor)
+    predictions = generate_all(
+        backend,
+        samples,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
+        build=_request,
+    )
     result = VQAResult()
-    for start in tqdm(range(0, len(samples), batch_size), desc="eval", disable=not progress):
-        chunk = [samples[i] for i in range(start, min(start + batch_size, len(samples)))]
-        prompts = [s["messages"][:-1] for s in chunk]
-        images = [[load_image(ref, str(s.get("id"))) for ref in s.get("images", [])] for s in chunk]
-        batch = processor(prompts, images)
-        batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        new_tokens = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False, **generation_kwargs(tokenizer)
+    for i, prediction in enumerate(predictions):
+        sample = samples[i]
+        reference = sample["messages"][-1]["content"]
+        result.records.append(
+            {
+                "id": sample.get("id"),
+                "type": question_type(sample),
+                "question": prompts_text(sample),
+                "answer": reference,
+                "prediction": prediction,
+                "correct": normalize_answer(prediction) == normalize_answer(reference),
+            }
         )
-        for sample, tokens in zip(chunk, new_tokens, strict=True):
-            prediction = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            reference = sample["messages"][-1]["content"]
-            result.records.append(
-                {
-                    "id": sample.get("id"),
-                    "type": question_type(sample),
-                    "question": prompts_text(sample),
-                    "answer": reference,
-                    "prediction": prediction,
-                    "correct": normalize_answer(prediction) == normalize_answer(reference),
-                }
-            )
     return result
 
 

@@ -1,4 +1,7 @@
-"""`vlbridge` command line: train | chat | data. Errors meant for users print without a traceback."""
+"""`vlbridge` command line: train | chat | serve | export | bench | eval | data.
+
+Errors meant for users print without a traceback.
+"""
 
 from __future__ import annotations
 
@@ -68,6 +71,42 @@ def add_reducer_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from pydantic import ValidationError
+
+    from .errors import ConfigError
+    from .serve.config import MediaConfig, ServerConfig
+    from .serve.server import run
+
+    if args.allowed_domains and not args.allow_remote_images:
+        raise ConfigError("--allowed-domains only applies with --allow-remote-images; add that flag")
+    try:
+        media = MediaConfig(
+            allow_remote=args.allow_remote_images,
+            allowed_domains=args.allowed_domains or [],
+            timeout_s=args.image_timeout,
+            max_bytes=args.max_image_bytes,
+            max_pixels=args.max_image_pixels,
+            max_images=args.max_images,
+        )
+        config = ServerConfig(
+            checkpoint=args.checkpoint,
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key or os.environ.get("VLBRIDGE_API_KEY") or None,
+            model_name=args.model_name,
+            device=args.device,
+            reducers=reducer_sections(args),
+            batching=args.batching,
+            max_batch_size=args.max_batch_size,
+            max_model_len=args.max_model_len,
+            media=media,
+        )
+    except ValidationError as err:
+        raise ConfigError(f"vlbridge serve: {err}") from err
+    run(config)
+
+
 def _export(args: argparse.Namespace) -> None:
     from .checkpoint import load_model, resolve_checkpoint, save_model
 
@@ -84,6 +123,53 @@ def _data(args: argparse.Namespace) -> None:
     scenes = shapes.generate(args.variant, args.split, args.n, seed=args.seed)
     export = {"llava": shapes_samples.export_llava, "datasets": shapes_samples.export_datasets}[args.format]
     print(export(scenes, args.out, questions_per_image=args.questions_per_image))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    """`vlbridge eval CHECKPOINT|--endpoint URL --suite ...`, or `vlbridge eval compare DIR...`."""
+    from .errors import ConfigError
+
+    targets = [t for t in args.targets if "=" not in t]
+    overrides = [t for t in args.targets if "=" in t] + args.overrides
+    if targets[:1] == ["compare"]:
+        from .eval.compare import compare
+
+        compare(targets[1:], args.output)
+        return
+    from .eval.backends import EndpointBackend, ModelBackend
+    from .eval.runner import run_eval
+
+    if args.endpoint:
+        if targets or not args.model:
+            raise ConfigError("with --endpoint give --model NAME (the served model's name) and no checkpoint")
+        backend = EndpointBackend(
+            args.endpoint,
+            args.model,
+            api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
+            image_position=args.image_position or "before",
+            concurrency=args.batch_size,
+            timeout=args.timeout,
+        )
+    elif len(targets) == 1:
+        backend = ModelBackend.from_checkpoint(targets[0])
+        if args.image_position and args.image_position != backend.image_position:
+            raise ConfigError(
+                f"--image-position {args.image_position}: this checkpoint was trained with images "
+                f"{backend.image_position} the text; prompts follow the checkpoint"
+            )
+    else:
+        got = " ".join(targets) or "none"
+        raise ConfigError(f"give one checkpoint (or --endpoint URL --model NAME); got {got}")
+    run_eval(
+        backend,
+        suite=args.suite,
+        tasks=args.task,
+        overrides=overrides,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        output=args.output,
+        progress=not args.no_progress,
+    )
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -117,11 +203,55 @@ def build_parser() -> argparse.ArgumentParser:
     add_reducer_option(chat)
     chat.set_defaults(func=_chat)
 
+    serve = sub.add_parser("serve", help="OpenAI-compatible chat server (with a chat page at /)")
+    serve.add_argument("checkpoint", help="a run directory or checkpoint directory")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $VLBRIDGE_API_KEY)")
+    serve.add_argument("--model-name", help="model id clients send (default: the checkpoint folder name)")
+    serve.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    add_reducer_option(serve)
+    serve.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
+    serve.add_argument("--allowed-domains", nargs="+", help="only fetch images from these domains")
+    serve.add_argument("--image-timeout", type=float, default=10.0, help="seconds per remote image")
+    serve.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024)
+    serve.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
+    serve.add_argument("--max-images", type=int, default=8, help="images per request")
+    serve.add_argument("--max-batch-size", type=int, default=32, help="rows decoded together (1: none)")
+    serve.add_argument("--batching", default="auto", choices=["auto", "continuous", "static"])
+    serve.add_argument("--max-model-len", type=int, help="context length (default: the checkpoint's)")
+    serve.set_defaults(func=_serve)
+
     export = sub.add_parser("export", help="copy a checkpoint, optionally with LoRA merged into the weights")
     export.add_argument("checkpoint")
     export.add_argument("out")
     export.add_argument("--merge-lora", action="store_true")
     export.set_defaults(func=_export)
+
+    ev = sub.add_parser(
+        "eval",
+        help="benchmark a checkpoint or endpoint on eval suites; `eval compare DIR...` compares runs",
+        description="vlbridge eval CHECKPOINT --suite NAME | vlbridge eval --endpoint URL --model NAME "
+        "--suite NAME | vlbridge eval compare DIR... ; task settings as TASK.key.sub=value "
+        "(e.g. vqav2.data.path=DIR)",
+    )
+    ev.add_argument("targets", nargs="*", help="a checkpoint or run dir; or `compare` and eval output dirs")
+    ev.add_argument("--suite", help="suite name (eval/suites/) or YAML path, e.g. shapes, vqa, captions")
+    ev.add_argument("--task", action="append", default=[], help="task name or YAML (repeatable)")
+    ev.add_argument("--limit", type=int, help="first N examples of each task")
+    ev.add_argument(
+        "--batch-size", type=int, default=16, help="prompts per batch (endpoint: concurrent requests)"
+    )
+    ev.add_argument("--output", help="output dir (default runs/eval/<model>-<suite>); compare: the PNG path")
+    ev.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    ev.add_argument("--model", help="model name to send to the endpoint")
+    ev.add_argument("--api-key", help="endpoint API key (default $OPENAI_API_KEY)")
+    ev.add_argument(
+        "--image-position", choices=["before", "after"], help="endpoint: images before/after the text"
+    )
+    ev.add_argument("--timeout", type=float, default=120.0, help="endpoint: seconds per request")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.set_defaults(func=_eval, overrides=[])
 
     bench = sub.add_parser("bench", help="measure efficiency of model configurations side by side")
     bench.add_argument("config", help="benchmark YAML, e.g. eval/benchmarks/frontends.yaml")

@@ -1,0 +1,47 @@
+"""Shapes tasks: the synthetic scenes generated locally (always available, any variant)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from pydantic import Field
+
+from vlbridge.data import shapes as shapes_data
+from vlbridge.data.shapes_samples import ShapesSamples
+
+from ..example import Example, LazyExamples
+from .base import LOADERS, SourceConfig
+
+
+class ShapesTaskSource(SourceConfig):
+    """`kind: vqa` asks one question per scene, dealt exactly as a recipe's shapes eval split deals them
+    (same seed, same order), so scores compare with the training report; `kind: caption` asks for the
+    scene's caption."""
+
+    type: str = "shapes"
+    kind: Literal["vqa", "caption"] = "vqa"
+    variant: str = "base"
+    split: Literal["train", "val", "test"] = "test"
+    n: int = Field(default=1000, ge=1)
+    seed: int = 0
+    types: list[str] | None = None
+
+
+@LOADERS.register("shapes", config=ShapesTaskSource)
+def load_shapes(cfg: ShapesTaskSource) -> Sequence[Example]:
+    scenes = shapes_data.generate(shapes_data.resolve_variant(cfg.variant), cfg.split, cfg.n, seed=cfg.seed)
+    if cfg.kind == "caption":
+        return LazyExamples(
+            scenes,
+            lambda scene, _: Example(
+                scene.id, [scene.image], {}, [scene.caption], None, {"seed": scene.seed}
+            ),
+        )
+    samples = ShapesSamples(scenes, questions_per_image=1, types=cfg.types, rng_seed=cfg.seed)
+
+    def convert(scene, index: int) -> Example:
+        question, answer, kind = samples.turns[index][0]
+        return Example(scene.id, [scene.image], {"question": question}, [answer], kind, {"seed": scene.seed})
+
+    return LazyExamples(scenes, convert)

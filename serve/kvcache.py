@@ -1,0 +1,60 @@
+"""The running batch's KV cache: rows join (left-padded to a common length) and leave between steps.
+
+Every row's cache is aligned on the right; a row shorter than the batch has masked zero columns on
+its left. Positions come from each row's own count of real tokens, so a row's attention sees exactly
+what it would see alone (the padding is masked out), whatever joins or leaves around it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+
+@dataclass
+class KVBatch:
+    """A DynamicCache over B rows plus their attention mask [B, T] (1 = real token)."""
+
+    cache: DynamicCache
+    mask: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return self.mask.shape[0]
+
+    def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Extend the mask by the column the next token fills; (mask [B, T+1], position ids [B, 1])."""
+        self.mask = F.pad(self.mask, (0, 1), value=1)
+        return self.mask, self.mask.sum(-1, keepdim=True) - 1
+
+    def merge(self, other: KVBatch) -> KVBatch:
+        """This batch's rows followed by `other`'s, left-padded to the longer cache."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
+            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
+        self.mask = torch.cat([_left_pad_mask(self.mask, width), _left_pad_mask(other.mask, width)])
+        return self
+
+    def select(self, keep: list[int]) -> KVBatch:
+        """Only rows `keep` (in that order), then drop leading columns that are padding in every row."""
+        index = torch.tensor(keep, device=self.mask.device)
+        self.mask = self.mask.index_select(0, index)
+        first = int(self.mask.any(0).nonzero()[0]) if self.mask.numel() else 0
+        self.mask = self.mask[:, first:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, first:]
+            layer.values = layer.values.index_select(0, index)[:, :, first:]
+        return self
+
+
+def _left_pad(states: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, H, T, D] -> [B, H, width, D] with zeros on the left of the sequence axis."""
+    return F.pad(states, (0, 0, width - states.shape[-2], 0))
+
+
+def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    return F.pad(mask, (width - mask.shape[1], 0), value=0)

@@ -1,0 +1,105 @@
+"""Decode speed at batch 1 against the machine's physical limit.
+
+Decoding one token reads every LLM weight once (the input embedding only one row of it) plus the KV
+cache so far, so tokens/s can never beat memory bandwidth / bytes read per token. This measures the
+bandwidth (a large tensor copy), counts the bytes, times the engine's own decode loop on one request,
+and reports the fraction of the limit achieved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+
+import torch
+
+from vlbridge.modeling import text_config_of
+
+from .engine import Engine, Generation
+from .prompts import Prompt
+from .sampling import SamplingParams
+
+
+def memory_bandwidth(mebibytes: int = 512, repeats: int = 8) -> float:
+    """Bytes/s of a large tensor copy (each byte read once and written once), best of `repeats`."""
+    source = torch.ones(mebibytes * 2**20 // 4)
+    target = torch.empty_like(source)
+    target.copy_(source)  # first touch: page faults are not bandwidth
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        target.copy_(source)
+        best = min(best, time.perf_counter() - start)
+    return 2 * source.numel() * source.element_size() / best
+
+
+def weight_bytes_per_token(language_model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: every parameter once, the input embedding table not
+    at all (one row is gathered) unless the output head shares it."""
+    embedding = language_model.get_input_embeddings().weight
+    output = language_model.get_output_embeddings()
+    tied = output is not None and output.weight.data_ptr() == embedding.data_ptr()
+    seen, total = set(), 0
+    for parameter in language_model.parameters():
+        if parameter.data_ptr() in seen or (parameter is embedding and not tied):
+            continue
+        seen.add(parameter.data_ptr())
+        total += parameter.numel() * parameter.element_size()
+    return total
+
+
+def kv_bytes_per_token(language_model: torch.nn.Module, context: int) -> int:
+    """Bytes of KV cache one decode step reads at `context` cached positions."""
+    cfg = text_config_of(language_model)
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    element = next(language_model.parameters()).element_size()
+    return 2 * cfg.num_hidden_layers * heads * head_dim * element * context
+
+
+def engine_decode_seconds(engine: Engine, prompt: Prompt, tokens: int) -> list[float]:
+    """Seconds between consecutive tokens of one request alone in the engine (prefill excluded)."""
+
+    async def run() -> list[float]:
+        engine.start()
+        try:
+            stamps = []
+            params = SamplingParams(tokens, temperature=0.0, ignore_eos=True)
+            async for event in Generation(engine, prompt, params, 1).events():
+                stamps.append(time.perf_counter())
+                assert event.tokens == 1
+            return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+        finally:
+            engine.stop()
+
+    return asyncio.run(run())
+
+
+def decode_roofline(
+    model, tokenizer, processor, *, tokens: int = 64, bandwidth_mib: int = 512
+) -> dict[str, float]:
+    """Batch-1 decode rate of the engine vs bandwidth / bytes per token, for a text prompt."""
+    encoded = processor.encode(
+        [{"role": "user", "content": "Describe the image."}], [], add_generation_prompt=True
+    )
+    prompt = Prompt(encoded, 0, 0)
+    engine = Engine(model, tokenizer, context_length=prompt.tokens + tokens + 1, max_batch_size=1)
+    engine_decode_seconds(engine, prompt, 8)  # warm-up
+    steps = engine_decode_seconds(engine, prompt, tokens)
+    step = statistics.median(steps)
+    lm = model.language_model
+    weights = weight_bytes_per_token(lm)
+    kv = kv_bytes_per_token(lm, prompt.tokens + tokens // 2)
+    bandwidth = memory_bandwidth(bandwidth_mib)
+    limit = bandwidth / (weights + kv)
+    return {
+        "decode_tokens_per_s": 1 / step,
+        "decode_step_ms_p50": 1000 * step,
+        "weight_bytes_per_token": weights,
+        "kv_bytes_per_token": kv,
+        "memory_bandwidth_gb_s": bandwidth / 1e9,
+        "bandwidth_limit_tokens_per_s": limit,
+        "fraction_of_limit": (1 / step) / limit,
+        "threads": torch.get_num_threads(),
+    }

@@ -1,0 +1,79 @@
+"""Assemble and run the server: load the checkpoint, size the context, build engine + app, run uvicorn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI
+
+from vlbridge.checkpoint import load_model, resolve_checkpoint
+from vlbridge.errors import ConfigError
+from vlbridge.modeling import text_config_of
+from vlbridge.processing import VLProcessor
+
+from .app import create_app
+from .config import ServerConfig
+from .engine import Engine
+from .media import ImageLoader
+from .prompts import PromptBuilder
+
+
+def pick_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {requested}: CUDA is not available on this machine; use cpu or auto")
+    return requested
+
+
+def context_length(model, requested: int | None) -> int:
+    """Tokens a prompt plus its completion may span: --max-model-len, else the checkpoint's max_length,
+    never more than the LLM's position limit."""
+    limit = getattr(text_config_of(model.language_model), "max_position_embeddings", None)
+    if requested is not None and limit is not None and requested > limit:
+        raise ConfigError(
+            f"--max-model-len {requested} is over the LLM's max_position_embeddings ({limit}); "
+            "use at most that"
+        )
+    length = requested or model.config.max_length
+    return min(length, limit) if limit is not None else length
+
+
+def build_app(config: ServerConfig) -> FastAPI:
+    model, tokenizer = load_model(
+        resolve_checkpoint(config.checkpoint),
+        device=pick_device(config.device),
+        reducers=config.reducers or None,
+    )
+    length = context_length(model, config.max_model_len)
+    processor = VLProcessor(
+        tokenizer, model.frontend, image_token=model.config.image_token, max_length=length
+    )
+    engine = Engine(
+        model,
+        tokenizer,
+        context_length=length,
+        max_batch_size=config.max_batch_size,
+        batching=config.batching,
+        batch_window_s=config.batch_window_ms / 1000,
+        max_queue=config.max_queue,
+    )
+    builder = PromptBuilder(
+        processor,
+        ImageLoader(config.media),
+        image_position=model.config.image_position,
+        context_length=length,
+        max_images=config.media.max_images,
+        tokenizer_lock=engine.decode_lock,
+    )
+    name = config.model_name or Path(config.checkpoint).resolve().name
+    return create_app(engine, builder, config, name)
+
+
+def run(config: ServerConfig) -> None:
+    import uvicorn
+
+    app = build_app(config)
+    print(f"vlbridge serve: http://{config.host}:{config.port}/ (OpenAI API under /v1)", flush=True)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=5)
