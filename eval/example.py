@@ -8,13 +8,12 @@ renderer) until a batch is built.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
 
-from vlbridge.data.formats import load_image
+from vlbridge.data.formats import LazySamples, load_image
 
 
 @dataclass
@@ -37,18 +36,5 @@ def resolve_image(ref: Any, sample_id: str = "?") -> Image.Image:
     return load_image(ref, sample_id)
 
 
-class LazyExamples(Sequence[Example]):
-    """Rows converted to examples on access, so a `--limit 50` run never converts a whole dataset."""
-
-    def __init__(self, rows: Sequence[Any], convert: Callable[[Any, int], Example]) -> None:
-        self.rows, self.convert = rows, convert
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        return self.convert(self.rows[index], index)
+# Rows converted to examples on access, so a `--limit 50` run never converts a whole dataset.
+LazyExamples = LazySamples

@@ -108,7 +108,10 @@ def _resolve(path: str, folder: Path) -> str:
 
 
 class LazySamples(Sequence):
-    """A sequence that converts raw rows to samples on access (datasets stay memory-mapped)."""
+    """Raw rows converted on access (datasets stay memory-mapped; `--limit 50` converts 50 rows).
+
+    `convert(row, index)` gets the row's non-negative index.
+    """
 
     def __init__(self, rows: Sequence, convert) -> None:
         self.rows, self.convert = rows, convert
@@ -119,6 +122,8 @@ class LazySamples(Sequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
         return self.convert(self.rows[index], index)
 
 
