@@ -140,6 +140,8 @@ def _eval(args: argparse.Namespace) -> None:
     from .eval.runner import run_eval
 
     if args.endpoint:
+        if args.reducer:
+            raise ConfigError("--reducer applies to a checkpoint; start the server with it instead")
         if targets or not args.model:
             raise ConfigError("with --endpoint give --model NAME (the served model's name) and no checkpoint")
         backend = EndpointBackend(
@@ -151,7 +153,7 @@ def _eval(args: argparse.Namespace) -> None:
             timeout=args.timeout,
         )
     elif len(targets) == 1:
-        backend = ModelBackend.from_checkpoint(targets[0])
+        backend = ModelBackend.from_checkpoint(targets[0], reducers=reducer_sections(args))
         if args.image_position and args.image_position != backend.image_position:
             raise ConfigError(
                 f"--image-position {args.image_position}: this checkpoint was trained with images "
@@ -251,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--timeout", type=float, default=120.0, help="endpoint: seconds per request")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_reducer_option(ev)
     ev.set_defaults(func=_eval, overrides=[])
 
     bench = sub.add_parser("bench", help="measure efficiency of model configurations side by side")

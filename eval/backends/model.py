@@ -24,12 +24,15 @@ class ModelBackend(Backend):
         self.image_position = model.config.image_position
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path, device: str | None = None) -> ModelBackend:
+    def from_checkpoint(
+        cls, checkpoint: str | Path, device: str | None = None, reducers: list[dict] | None = None
+    ) -> ModelBackend:
+        """`reducers` switch training-free token reducers on (e.g. `[{"type": "turbo", "r": 16}]`)."""
         from vlbridge.checkpoint import load_model, resolve_checkpoint
 
         path = resolve_checkpoint(checkpoint)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, tokenizer = load_model(path, device=device)
+        model, tokenizer = load_model(path, device=device, reducers=reducers)
         processor = VLProcessor(
             tokenizer,
             model.frontend,
@@ -59,4 +62,5 @@ class ModelBackend(Backend):
             "image_position": self.image_position,
             "device": str(self.model.device),
             "frontend": self.model.config.frontend.type,
+            "reducers": [r.model_dump(mode="json") for r in self.model.config.reducers],
         }

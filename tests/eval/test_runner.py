@@ -124,3 +124,16 @@ def test_cli_errors(argv, message, tiny_checkpoint, capsys):
     argv = [str(tiny_checkpoint) if a == "CKPT" else a for a in argv]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_eval_switches_a_training_free_reducer_on(tmp_path, capsys):
+    model, tokenizer, _ = tiny_model(frontend={"type": "llava", "connector": {"merge": 1}})
+    model.save_pretrained(tmp_path / "vit", tokenizer)
+    out = tmp_path / "turbo"
+    argv = ["eval", str(tmp_path / "vit"), "--task", "shapes_vqa", "--limit", "4", "--no-progress"]
+    assert main([*argv, "--reducer", "tome:r=4", "--output", str(out)]) == 0
+    described = json.loads((out / "results.json").read_text())["model"]
+    assert [r["type"] for r in described["reducers"]] == ["tome"]
+    endpoint = ["--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--suite", "shapes"]
+    assert main(["eval", *endpoint, "--reducer", "tome"]) == 2
+    assert "start the server with it" in capsys.readouterr().err
