@@ -39,6 +39,7 @@ from .efficiency import (
     median_seconds,
     parameter_counts,
     peak_memory,
+    track_cpu_memory,
 )
 from .flops import (
     DecoderShape,
@@ -156,6 +157,8 @@ class Bench:
         self.config, self.console = config, console or Console()
         self.device = _device(config.device)
         self.results: list[dict[str, Any]] = []
+        if self.device.type == "cpu":
+            track_cpu_memory()  # before any model is built, so no case inherits reusable freed memory
 
     def case_config(self, case: BenchCase) -> VLConfig:
         return VLConfig.model_validate(deep_merge(self.config.defaults, case.model))

@@ -44,10 +44,10 @@ def peak_memory(device: torch.device):
     """Yields a dict whose "bytes" is set on exit to the peak memory the block allocated on `device`.
 
     CUDA: the caching allocator's peak. CPU (Linux): growth of the resident-set high-water mark, reset
-    through /proc/self/clear_refs before the block. glibc's adaptive mmap threshold would otherwise let
-    freed tensors stay resident and be reused unseen, so the threshold is pinned at 1 MiB first: every
-    tensor above it is mapped on allocation and unmapped on free, and the high-water mark follows the live
-    tensors. Elsewhere "bytes" stays None.
+    through /proc/self/clear_refs before the block. For that mark to follow the live tensors, freed memory
+    must leave the resident set: `track_cpu_memory` pins glibc's mmap threshold (call it before the work
+    whose memory is measured; benchmarks do at start), and free heap pages are returned to the kernel before
+    every block. Elsewhere "bytes" stays None.
     """
     result: dict[str, int | None] = {"bytes": None}
     if device.type == "cuda":
@@ -58,29 +58,33 @@ def peak_memory(device: torch.device):
         synchronize(device)
         result["bytes"] = torch.cuda.max_memory_allocated(device) - before
         return
-    if not _cpu_peak_supported():
+    libc = track_cpu_memory()
+    if libc is None:
         yield result
         return
+    libc.malloc_trim(0)  # freed chunks kept in glibc's bins would be reused without touching new pages
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident set
     before = _proc_status_bytes("VmRSS")
     yield result
-    result["bytes"] = _proc_status_bytes("VmHWM") - before
+    result["bytes"] = max(_proc_status_bytes("VmHWM") - before, 0)
 
 
 @functools.cache
-def _cpu_peak_supported() -> bool:
-    """Pin glibc's mmap threshold and check that the high-water mark can be reset (Linux only)."""
+def track_cpu_memory() -> ctypes.CDLL | None:
+    """Make CPU peaks measurable (Linux + glibc): every allocation above 1 MiB gets its own mapping,
+    unmapped on free, instead of glibc's adaptive threshold keeping freed tensors resident. None where the
+    high-water mark cannot be read and reset."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         m_mmap_threshold = -3
         if not libc.mallopt(m_mmap_threshold, 1 << 20):
-            return False
+            return None
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return _proc_status_bytes("VmHWM") > 0
-    except OSError:
-        return False
+        return libc if _proc_status_bytes("VmHWM") > 0 else None
+    except (OSError, AttributeError):
+        return None
 
 
 def _proc_status_bytes(key: str) -> int:

@@ -28,3 +28,19 @@ def test_cpu_peak_memory_matches_the_largest_live_set():
     assert 15 * mb <= small["bytes"] <= 24 * mb
     assert 127 * mb <= large["bytes"] <= 140 * mb
     assert 15 * mb <= again_small["bytes"] <= 24 * mb
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU peak reads Linux's /proc")
+def test_cpu_peak_memory_counts_heap_memory_freed_before_the_block():
+    mb = 2**20
+    chunk = mb // 2 // 4  # 0.5 MiB tensors: below the mmap threshold, so they live on glibc's heap
+    garbage, pins = [], []
+    for _ in range(200):
+        garbage.append(torch.ones(chunk))
+        pins.append(torch.ones(4096))  # live neighbours: the freed chunks cannot merge and be trimmed
+    del garbage  # 100 MiB of free heap chunks that the block below could reuse unseen
+    with peak_memory(CPU) as peak:
+        kept = [torch.ones(chunk) for _ in range(100)]  # 50 MiB live
+        del kept
+    del pins
+    assert 45 * mb <= peak["bytes"] <= 60 * mb
