@@ -3,6 +3,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh dev,eval,serve
+# System packages the tests drive: Java (pycocoevalcap's tokenizer and METEOR), Chromium (the chat page).
+if ! command -v java > /dev/null; then
+    apt-get update -q && apt-get install -y -q default-jre-headless
+fi
+if [ ! -x /usr/bin/chromium ]; then
+    apt-get update -q && apt-get install -y -q chromium
+fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 HF_HOME="$(mktemp -d)"
 export HF_HOME

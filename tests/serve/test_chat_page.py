@@ -77,9 +77,7 @@ def test_cli_server_answers_with_the_key_from_the_environment(cli_server):
 
 
 def test_chat_page_streams_an_answer_about_a_picked_image(cli_server, red_image, tmp_path):
-    reason = _chromium_or_reason()
-    if reason and not os.environ.get("CI"):
-        pytest.skip(reason)  # CI installs both (.ci/run), so there it fails instead
+    reason = _chromium_or_reason()  # scripts/test.sh installs Chromium; a missing one is a failure
     assert reason is None, reason
     from playwright.sync_api import sync_playwright
 
