@@ -183,6 +183,8 @@ class Bench:
             out["prefill_peak_mb"] = peak["bytes"] / 2**20
         out["kv_cache_mb"] = cache_bytes(past) / 2**20
         out["cache_lengths"] = cache_lengths(past)  # entries per decoder layer (per row)
+        # what p-MoD's paper counts: the cache's visual entries summed over layers (text is never dropped)
+        out["visual_kv_entries"] = sum(n - out["text_tokens"] for n in out["cache_lengths"])
         del past
         out.update(self._split_times(model, batch, logits))
         out.update(self._token_stages(model, batch, prefill))

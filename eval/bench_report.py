@@ -28,6 +28,7 @@ METRICS: dict[str, tuple[str, str]] = {  # key -> (column title, format)
     "llm_gflops": ("LLM GFLOPs", "{:,.2f}"),
     "llm_gflops_analytic": ("LLM GFLOPs formula", "{:,.2f}"),
     "kv_cache_mb": ("KV cache MB", "{:,.2f}"),
+    "visual_kv_entries": ("visual KV entries", "{:,.0f}"),  # over all decoder layers, from the cache
 }
 RATIO_KEYS = (
     "train_step_s",
@@ -42,6 +43,7 @@ RATIO_KEYS = (
     "llm_gflops",
     "llm_gflops_analytic",
     "kv_cache_mb",
+    "visual_kv_entries",
     "trainable_params",
 )
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, model_validator
 
+from .errors import ConfigError
 from .registry import FRONTENDS, REDUCERS, Registry
 
 
@@ -69,6 +70,18 @@ class VisionTowerConfig(Strict):
     config: dict[str, Any] = Field(default_factory=dict)
     feature_layer: int = -2
     feature_select: Literal["patch", "cls_patch"] = "patch"
+    # conv: a ViT's patchify convolution becomes a small conv stack (vision_stems.py); for towers from scratch
+    stem: Literal["patch", "conv"] = "patch"
+
+    @model_validator(mode="after")
+    def _stem_from_scratch(self) -> VisionTowerConfig:
+        if self.stem == "conv" and self.name_or_path is not None:
+            raise ConfigError(
+                f"vision.stem='conv' would throw away the patch embedding of the pretrained tower "
+                f"{self.name_or_path!r}; the conv stem is for towers trained from scratch (leave "
+                "name_or_path unset and give model_type + config), or keep stem='patch'"
+            )
+        return self
 
 
 class ConnectorConfig(Strict):

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModel
 from .config import VisionTowerConfig
 from .errors import ConfigError
 from .registry import VISION_TOWERS
+from .vision_stems import install_conv_stem
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -79,6 +80,8 @@ class VisionTower(nn.Module):
             self.model = AutoModel.from_pretrained(cfg.name_or_path, config=hf_config)
         else:
             self.model = AutoModel.from_config(hf_config)
+        if cfg.stem == "conv":
+            install_conv_stem(self.model, hf_config.model_type)
         self.hf_config = self.model.config
 
     def resolved_config(self) -> VisionTowerConfig:

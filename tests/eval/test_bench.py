@@ -165,6 +165,8 @@ def test_per_layer_visual_tokens_and_cache_entries(reducer_run):
     assert pmod["layer_visual_tokens"] == kept == [16, 12, 4, 2]
     assert pmod["cache_lengths"] == [seq - 16 + k for k in kept]
     assert pmod["llm_visual_kept"] == pytest.approx(sum(kept) / 64)
+    assert (dense["visual_kv_entries"], pmod["visual_kv_entries"]) == (64, sum(kept))
+    assert pmod["visual_kv_entries_ratio"] == pytest.approx(sum(kept) / 64)
     assert fastv["layer_visual_tokens"] == [16, 16, 8, 8]
     assert fastv["cache_lengths"] == [seq, seq, seq - 8, seq - 8]
     assert tome["tower_tokens"] == [17, 15, 15]  # CLS + 16 patches; block 0 merges 2, the last is unused
