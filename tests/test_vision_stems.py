@@ -41,8 +41,11 @@ def test_conv_stem_keeps_the_grid_and_the_width(tower):
     stem = stemmed.frontend.vision_tower.model.embeddings.patch_embedding
     assert isinstance(stem, ConvStem)
     convs = [m for m in stem if isinstance(m, nn.Conv2d)]
-    assert [c.stride for c in convs] == [(2, 2), (2, 2), (1, 1)]  # 4 = 2 x 2, then the 1x1 projection
+    assert [c.stride for c in convs] == [(2, 2), (2, 2)]  # patch 4 = two stride-2 convolutions
     assert convs[-1].out_channels == plain.frontend.vision_tower.hf_config.hidden_size
+    # CLIP's pre-LayerNorm goes (it would blow the stem's near-zero background up to full-size tokens)
+    tower = stemmed.frontend.vision_tower.model
+    assert isinstance(getattr(tower, "pre_layrnorm", nn.Identity()), nn.Identity)
     assert plain.frontend.num_image_tokens() == stemmed.frontend.num_image_tokens()
 
 
