@@ -22,6 +22,7 @@ class ShapesTaskSource(SourceConfig):
     type: str = "shapes"
     kind: Literal["vqa", "caption"] = "vqa"
     variant: str = "base"
+    max_objects: int | None = None  # e.g. 1: the variant's canvas with lone objects
     split: Literal["train", "val", "test"] = "test"
     n: int = Field(default=1000, ge=1)
     seed: int = 0
@@ -30,7 +31,8 @@ class ShapesTaskSource(SourceConfig):
 
 @LOADERS.register("shapes", config=ShapesTaskSource)
 def load_shapes(cfg: ShapesTaskSource) -> Sequence[Example]:
-    scenes = shapes_data.generate(shapes_data.resolve_variant(cfg.variant), cfg.split, cfg.n, seed=cfg.seed)
+    variant = shapes_data.resolve_variant(cfg.variant, cfg.max_objects)
+    scenes = shapes_data.generate(variant, cfg.split, cfg.n, seed=cfg.seed)
     if cfg.kind == "caption":
         return LazyExamples(
             scenes,

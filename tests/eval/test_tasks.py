@@ -52,6 +52,17 @@ def test_shapes_variants(variant, canvas):
         assert examples[1].references[0].endswith(".") == (kind == "caption")
 
 
+def test_shapes_max_objects_keeps_the_canvas_and_caps_the_scene():
+    task = load_task("shapes_caption_many", {"data": {"n": 6, "max_objects": 1}})
+    examples = load_examples(task.data)
+    assert all(e.load_images()[0].size == (160, 160) for e in examples)
+    assert all(" and " not in e.references[0] for e in examples)  # one object per caption
+    crowded = load_examples(load_task("shapes_caption_many", {"data": {"n": 6}}).data)
+    assert all(" and " in e.references[0] for e in crowded)
+    with pytest.raises(ConfigError, match="max_objects=13"):
+        load_examples(load_task("shapes_vqa_many", {"data": {"n": 2, "max_objects": 13}}).data)
+
+
 def test_prompt_snapshots():
     vqa = Example("1", [], {"question": "What is on the table?"}, ["cup"])
     assert render_prompt(load_task("vqav2"), vqa) == (

@@ -8,7 +8,6 @@ the sample when something is wrong.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import io
 import json
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from ..config import Typed
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from ..registry import DATA_FORMATS
 
 IMAGE_TOKEN = "<image>"
@@ -244,16 +243,7 @@ def shapes(cfg: ShapesSourceConfig) -> Sequence[dict]:
     from . import shapes as shapes_data
     from .shapes_samples import ShapesSamples
 
-    variant = shapes_data.resolve_variant(cfg.variant)
-    if cfg.max_objects is not None:
-        if not 1 <= cfg.max_objects <= variant.max_objects:
-            raise ConfigError(
-                f"shapes max_objects={cfg.max_objects} is outside the {variant.name!r} variant's range "
-                f"[1, {variant.max_objects}]"
-            )
-        variant = dataclasses.replace(
-            variant, min_objects=min(variant.min_objects, cfg.max_objects), max_objects=cfg.max_objects
-        )
+    variant = shapes_data.resolve_variant(cfg.variant, cfg.max_objects)
     scenes = shapes_data.generate(variant, cfg.split, cfg.n, seed=cfg.seed)
     return ShapesSamples(
         scenes,

@@ -16,9 +16,11 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from PIL import Image, ImageDraw
+
+from ..errors import ConfigError
 
 QUESTION_TYPES = ("color", "shape", "count", "exist", "position")
 SPLITS = {"train": 0, "val": 1, "test": 2}
@@ -233,12 +235,20 @@ def scene_seed(split: str, index: int, seed: int = 0) -> int:
     return ((seed * len(SPLITS) + SPLITS[split]) << _INDEX_BITS) | index
 
 
-def resolve_variant(variant: str | ShapesVariant) -> ShapesVariant:
-    if isinstance(variant, ShapesVariant):
+def resolve_variant(variant: str | ShapesVariant, max_objects: int | None = None) -> ShapesVariant:
+    """The variant by name; `max_objects` caps its scenes (below its minimum too: 1 gives lone objects)."""
+    if not isinstance(variant, ShapesVariant):
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown shapes variant {variant!r}; known: {tuple(VARIANTS)}")
+        variant = VARIANTS[variant]
+    if max_objects is None:
         return variant
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown shapes variant {variant!r}; known: {tuple(VARIANTS)}")
-    return VARIANTS[variant]
+    if not 1 <= max_objects <= variant.max_objects:
+        raise ConfigError(
+            f"shapes max_objects={max_objects} is outside the {variant.name!r} variant's range "
+            f"[1, {variant.max_objects}]"
+        )
+    return replace(variant, min_objects=min(variant.min_objects, max_objects), max_objects=max_objects)
 
 
 # ----------------------------------------------------------------------------------------- layout
