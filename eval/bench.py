@@ -251,7 +251,8 @@ class Bench:
             "llm_gflops_analytic": llm / 1e9,
         }
         tower = getattr(model.frontend, "vision_tower", None)
-        if model.config.frontend.type == "llava" and tower.model.config.model_type in _VITS:
+        vit = model.config.frontend.type == "llava" and tower.model.config.model_type in _VITS
+        if vit and tower.cfg.stem == "patch":  # the formula knows the patchify embedding, not a conv stem
             config = tower.model.config
             tokens = measured.get("tower_tokens") or vit_tokens(config, tower.family.has_cls)
             visual = int(model.frontend.visual_mask(batch["input_ids"]).sum())  # connector outputs

@@ -145,6 +145,7 @@ def reducer_run(tmp_path_factory):
         "cases": [
             {"name": "dense", "image_size": 32},
             *({"name": name, "image_size": 32, "model": {"reducers": [r]}} for name, r in reducers.items()),
+            {"name": "stem", "image_size": 32, "model": {"frontend": {"vision": {"stem": "conv"}}}},
         ],
     }
     path = tmp / "bench.yaml"
@@ -184,6 +185,7 @@ def test_flops_by_counter_match_the_formulas(reducer_run):
         assert r["llm_gflops"] == pytest.approx(r["llm_gflops_analytic"], rel=1e-12), name
         assert r["prefill_gflops"] == pytest.approx(r["tower_gflops"] + r["llm_gflops"], rel=1e-12)
     assert results["dense"]["tower_gflops"] == pytest.approx(results["dense"]["tower_gflops_analytic"])
+    assert "tower_gflops_analytic" not in results["stem"]  # the ViT formula has no conv stem in it
     tome = results["tome"]  # the formula leaves out the bipartite matching's similarity matmul
     assert tome["tower_gflops_analytic"] < tome["tower_gflops"] < 1.01 * tome["tower_gflops_analytic"]
     assert results["pmod"]["llm_gflops_ratio"] < results["fastv"]["llm_gflops_ratio"] < 1
