@@ -346,6 +346,22 @@ def test_schedules_follow_tome_int_inflect_and_short_lists():
     assert model.meter.last(Meter.TOWER_TOKENS) == [65, 57, 57, 57]
 
 
+def test_first_blocks_confines_the_budget_to_the_early_blocks():
+    """Same tokens reach the LLM, merged sooner: the tower's later blocks run the shorter sequence."""
+    even, _, _ = build(reducers=[{"type": "turbo", "tokens": 32, "min_tokens": 0}])
+    early, _, _ = build(reducers=[{"type": "turbo", "tokens": 32, "min_tokens": 0, "first_blocks": 1}])
+    for model in (even, early):
+        model.meter = Meter()
+        model.frontend.encode(pixels())
+    assert merger_of(early).state.schedule.r == (32, 0, 0)
+    assert early.meter.last(Meter.TOWER_TOKENS) == [65, 33, 33, 33]
+    assert even.meter.last(Meter.TOWER_TOKENS) == [65, 49, 33, 33]
+    assert early.frontend.num_image_tokens() == even.frontend.num_image_tokens() == 32
+    ramp, _, _ = build(reducers=[turbo(r=8, inflect=-0.5, first_blocks=2)])
+    ramp.frontend.encode(pixels())
+    assert merger_of(ramp).state.schedule.r == (12, 4, 0)  # the ramp spans the first two blocks only
+
+
 def test_layer_decay_counts_blocks_with_a_scheduled_merge():
     model, _, _ = build(reducers=[turbo(r=[0, 8, 8], lam=100, beta=0.5, gamma=1)])
     model.frontend.encode(pixels())
@@ -457,6 +473,8 @@ def test_config_defaults_follow_the_official_llava_code():
         ({"semantic": "max"}, "semantic"),
         ({"r": [4, 4], "inflect": 0.5}, "inflect"),
         ({"tokens": 100, "inflect": 0.5}, "inflect"),
+        ({"r": [4, 4], "first_blocks": 1}, "first_blocks"),
+        ({"tokens": 100, "first_blocks": 0}, "greater than 0"),
         ({"inflect": 2}, "less than or equal to 1"),
         ({"rate": 3}, "rate"),
     ],
@@ -470,6 +488,7 @@ def test_invalid_settings_are_rejected_with_the_key(settings, match_text):
     ("kwargs", "match_text"),
     [
         ({"reducers": [turbo(r=[1, 2, 3, 4])]}, "lists 4 values but the vision tower has only 3 encoder"),
+        ({"reducers": [turbo(first_blocks=4)]}, "first_blocks=4 but the vision tower has only 3"),
         ({"tower": SIGLIP, "reducers": [turbo(semantic="cls")]}, "has no CLS token"),
         ({"reducers": [{"type": "turbo", "tokens": 5, "min_tokens": 0}]}, "cannot be reached"),
         ({"reducers": [{"type": "turbo", "tokens": 100}]}, "asks for 101 tokens"),

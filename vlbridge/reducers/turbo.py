@@ -7,8 +7,10 @@ Spec: ../shared/specs/turbo.md (official code, LLaVA-1.5 defaults) and reduction
 
 Budget: `r` (ToMe's forms: an int for every block, with `inflect` a linear ramp, or a list per block)
 or `tokens` (visual tokens per image that reach the LLM; r is then spread evenly over the blocks
-before the feature layer, earlier blocks taking the remainder). Blocks after the front-end's feature
-layer never merge: their output is unused.
+before the feature layer, earlier blocks taking the remainder). `first_blocks` confines either budget to
+the first k blocks: the same tokens reach the LLM, but the tower runs shorter sequences sooner, which is
+what speeds up models whose tower is a large share of the prefill (at some accuracy cost: early merges
+see less context). Blocks after the front-end's feature layer never merge: their output is unused.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class TokenMergeConfig(ReducerConfig):
     r: NonNegativeInt | list[NonNegativeInt] | None = None  # default DEFAULT_R unless `tokens` is set
     inflect: float = Field(default=0.0, ge=-1, le=1)  # ToMe's (r, inflect) linear schedule for an int r
     tokens: PositiveInt | None = None  # target visual tokens per image that reach the LLM
+    first_blocks: PositiveInt | None = None  # merge only in the first k encoder blocks (None: all)
     min_tokens: NonNegativeInt = 0  # blocks whose input is shorter merge nothing (official r_threshold)
     proportional: bool = True  # attention logits + log(size); False = the official LLaVA path (unused bias)
     order: Literal["merge", "raster"] = "merge"  # raster: output sorted by each token's original index
@@ -66,6 +69,11 @@ class TokenMergeConfig(ReducerConfig):
             )
         if self.inflect != 0 and not isinstance(self.r, int):
             raise ValueError(f"inflect={self.inflect} shapes an int r; with r={self.r} leave it at 0")
+        if self.first_blocks is not None and isinstance(self.r, list):
+            raise ValueError(
+                f"first_blocks={self.first_blocks} confines an int r or a tokens target; the list r={self.r} "
+                "already gives every block's value (end it with zeros instead)"
+            )
         return self
 
 
@@ -132,8 +140,17 @@ class TokenMerging(Reducer):
     ) -> Callable[[int], MergeSchedule]:
         """n (tokens entering block 0) -> the forward's MergeSchedule; fixed unless a token target is set."""
         cfg = self.config
+        span = blocks
+        if cfg.first_blocks is not None:
+            if cfg.first_blocks > blocks:
+                raise ConfigError(
+                    f"{cfg.type}.first_blocks={cfg.first_blocks} but the vision tower has only {blocks} "
+                    f"encoder blocks; set it to at most {blocks}"
+                )
+            span = cfg.first_blocks
+            merging = min(merging, span)
         if cfg.tokens is None:
-            r = per_block_r(cfg.r, cfg.inflect, blocks, cfg.type)
+            r = per_block_r(cfg.r, cfg.inflect, span, cfg.type) + [0] * (blocks - span)
             fixed = self._with_lam([v if i < merging else 0 for i, v in enumerate(r)])
             return lambda n: fixed
         dropped = protected if tower.cfg.feature_select == "patch" else 0  # CLS never reaches the LLM
