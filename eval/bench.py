@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,7 @@ import torch
 from PIL import Image
 from pydantic import Field, model_validator
 from rich.console import Console
+from transformers import LogitsProcessorList
 
 from vlbridge.config import Strict, VLConfig, deep_merge
 from vlbridge.errors import ConfigError
@@ -33,12 +35,14 @@ from vlbridge.training.stages import apply_stage
 
 from .bench_report import RATIO_KEYS, console_table, markdown, plot
 from .efficiency import (
+    TokenClock,
     cache_bytes,
     cache_lengths,
     count_flops_by_module,
     median_seconds,
     parameter_counts,
     peak_memory,
+    synchronize,
     track_cpu_memory,
 )
 from .flops import (
@@ -89,6 +93,8 @@ class BenchConfig(Strict):
             raise ValueError(f"case names must be unique, got {names}")
         if self.baseline not in names:
             raise ValueError(f"baseline {self.baseline!r} is not one of the cases {names}")
+        if self.new_tokens == 1:
+            raise ValueError("new_tokens=1 leaves no decode step to time: set 0 (no generation) or >= 2")
         return self
 
 
@@ -191,7 +197,7 @@ class Bench:
         if cfg.measure_flops:
             out.update(self._flops(model, batch, prefill, out))
         if cfg.new_tokens:
-            out.update(self._generate(model, tokenizer, batch, out["prefill_s"]))
+            out.update(self._generate(model, tokenizer, batch))
         if case.train_modules:
             out.update(self._train_step(model, processor, case, image))
         return out
@@ -261,19 +267,27 @@ class Bench:
             out["tower_gflops_analytic"] = front / 1e9
         return out
 
-    def _generate(self, model, tokenizer, batch, prefill_s: float) -> dict[str, Any]:
-        """Greedy generation of exactly `new_tokens`; decode rate from its time beyond one prefill."""
-        cfg = self.config
+    def _generate(self, model, tokenizer, batch) -> dict[str, Any]:
+        """Greedy generation of exactly `new_tokens`: its wall time, and the decode rate timed inside it."""
+        cfg, device = self.config, self.device
         kwargs = generation_kwargs(tokenizer) | {
             "max_new_tokens": cfg.new_tokens,
             "min_new_tokens": cfg.new_tokens,
             "do_sample": False,
         }
-        seconds = median_seconds(
-            lambda: model.generate(**batch, **kwargs), self.device, cfg.repeats, cfg.warmup
-        )
-        decode = max(seconds - prefill_s, 1e-9)
-        return {"generate_s": seconds, "decode_tokens_per_s": cfg.batch_size * (cfg.new_tokens - 1) / decode}
+        for _ in range(cfg.warmup):
+            model.generate(**batch, **kwargs)
+        totals, decodes = [], []
+        for _ in range(cfg.repeats):
+            clock = TokenClock(device)
+            synchronize(device)
+            start = time.perf_counter()
+            model.generate(**batch, **kwargs, logits_processor=LogitsProcessorList([clock]))
+            synchronize(device)
+            totals.append(time.perf_counter() - start)
+            decodes.append(clock.decode_seconds())
+        rate = cfg.batch_size * (cfg.new_tokens - 1) / statistics.median(decodes)
+        return {"generate_s": statistics.median(totals), "decode_tokens_per_s": rate}
 
     def _train_step(self, model, processor, case: BenchCase, image) -> dict[str, Any]:
         cfg, device = self.config, self.device

@@ -39,6 +39,27 @@ def median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int = 3
     return statistics.median(times)
 
 
+class TokenClock:
+    """A logits processor that stamps the time of every generated token: generate calls it once per step,
+    right after that step's forward, so the stamps after the first time the decode steps alone (the
+    first follows the prefill). Timing the decode inside one call avoids subtracting two noisy medians."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+        return scores
+
+    def decode_seconds(self) -> float:
+        """Time from the first generated token to the last (len(stamps) - 1 decode steps)."""
+        if len(self.stamps) < 2:
+            raise ValueError("the decode time needs at least two generated tokens")
+        return self.stamps[-1] - self.stamps[0]
+
+
 @contextmanager
 def peak_memory(device: torch.device):
     """Yields a dict whose "bytes" is set on exit to the peak memory the block allocated on `device`.

@@ -118,12 +118,19 @@ def test_ratios_and_reports(bench_run):
     assert "solo_32" in report and "train step s" in report
 
 
-def test_unknown_baseline_is_a_one_line_error(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"baseline": "nope"}, "baseline 'nope' is not one of the cases ['a']"),
+        ({"new_tokens": 1}, "new_tokens=1 leaves no decode step to time"),
+    ],
+)
+def test_bad_settings_are_a_one_line_error(tmp_path, capsys, settings, message):
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({"name": "x", "baseline": "nope", "cases": [{"name": "a"}]}))
+    path.write_text(yaml.safe_dump({"name": "x", "baseline": "a", "cases": [{"name": "a"}], **settings}))
     assert main(["bench", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "baseline 'nope' is not one of the cases ['a']" in err and "Traceback" not in err
+    assert message in err and "Traceback" not in err
 
 
 # -- reducers: visual tokens per stage, per-layer cache, FLOPs by formula and by counter ----------------

@@ -1,4 +1,5 @@
-"""Measurement primitives: CPU peak memory follows the live tensors of the measured block."""
+"""Measurement primitives: CPU peak memory follows the live tensors of the measured block; the decode clock
+stamps every generated token."""
 
 from __future__ import annotations
 
@@ -6,7 +7,12 @@ import sys
 
 import pytest
 import torch
-from vlbridge.eval.efficiency import peak_memory
+from PIL import Image
+from transformers import LogitsProcessorList
+from vlbridge.eval.efficiency import TokenClock, peak_memory
+
+from vlbridge.testing import tiny_model
+from vlbridge.tokenization import generation_kwargs
 
 CPU = torch.device("cpu")
 
@@ -44,3 +50,16 @@ def test_cpu_peak_memory_counts_heap_memory_freed_before_the_block():
         del kept
     del pins
     assert 45 * mb <= peak["bytes"] <= 60 * mb
+
+
+def test_token_clock_stamps_one_step_per_generated_token():
+    model, tokenizer, processor = tiny_model("llama", "clip_vision_model")
+    image = Image.new("RGB", (32, 32), "red")
+    batch = processor([[{"role": "user", "content": "<image>\nhello"}]], [[image]])
+    clock = TokenClock(CPU)
+    kwargs = generation_kwargs(tokenizer) | {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False}
+    new = model.generate(**batch, **kwargs, logits_processor=LogitsProcessorList([clock]))
+    assert new.shape[1] == len(clock.stamps) == 5
+    assert clock.stamps == sorted(clock.stamps) and clock.decode_seconds() > 0
+    with pytest.raises(ValueError, match="two generated tokens"):
+        TokenClock(CPU).decode_seconds()
