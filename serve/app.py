@@ -26,8 +26,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vlbridge.errors import VLBridgeError
 
 from .config import ServerConfig
-from .engine import Engine, Event, Generation
+from .engine import Engine, Event
 from .errors import APIError, bad_request, error_body
+from .generation import Generation
 from .prompts import Prompt, PromptBuilder
 from .protocol import ChatCompletionRequest, ModelCard, ModelList, completion_id, now
 from .sampling import SamplingParams

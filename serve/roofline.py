@@ -16,7 +16,8 @@ import torch
 
 from vlbridge.modeling import text_config_of
 
-from .engine import Engine, Generation
+from .engine import Engine
+from .generation import Generation
 from .prompts import Prompt
 from .sampling import SamplingParams
 

@@ -11,7 +11,8 @@ import time
 import httpx
 import pytest
 from serve_kit import LiveServer, image_message, server_config
-from vlbridge.serve.engine import Engine, Generation, Overloaded
+from vlbridge.serve.engine import Engine, Overloaded
+from vlbridge.serve.generation import Generation
 from vlbridge.serve.prompts import Prompt
 from vlbridge.serve.sampling import SamplingParams
 
