@@ -72,15 +72,23 @@ class VisionTowerConfig(Strict):
     feature_select: Literal["patch", "cls_patch"] = "patch"
     # conv: a ViT's patchify convolution becomes a small conv stack (vision_stems.py); for towers from scratch
     stem: Literal["patch", "conv"] = "patch"
+    # sincos: a ViT's position table starts as 2D sine-cosine rows (vision_positions.py); from scratch only
+    position_init: Literal["learned", "sincos"] = "learned"
 
     @model_validator(mode="after")
-    def _stem_from_scratch(self) -> VisionTowerConfig:
-        if self.stem == "conv" and self.name_or_path is not None:
-            raise ConfigError(
-                f"vision.stem='conv' would throw away the patch embedding of the pretrained tower "
-                f"{self.name_or_path!r}; the conv stem is for towers trained from scratch (leave "
-                "name_or_path unset and give model_type + config), or keep stem='patch'"
-            )
+    def _from_scratch_options(self) -> VisionTowerConfig:
+        if self.name_or_path is None:
+            return self
+        for key, value, default, what in (
+            ("stem", self.stem, "patch", "patch embedding"),
+            ("position_init", self.position_init, "learned", "position table"),
+        ):
+            if value != default:
+                raise ConfigError(
+                    f"vision.{key}={value!r} would throw away the {what} of the pretrained tower "
+                    f"{self.name_or_path!r}; it is for towers trained from scratch (leave name_or_path unset "
+                    f"and give model_type + config), or keep {key}={default!r}"
+                )
         return self
 
 

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModel
 from .config import VisionTowerConfig
 from .errors import ConfigError
 from .registry import VISION_TOWERS
+from .vision_positions import install_sincos_positions
 from .vision_stems import install_conv_stem
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -82,6 +83,8 @@ class VisionTower(nn.Module):
             self.model = AutoModel.from_config(hf_config)
         if cfg.stem == "conv":
             install_conv_stem(self.model, hf_config.model_type)
+        if cfg.position_init == "sincos":
+            install_sincos_positions(self.model, hf_config.model_type, self.family.has_cls)
         self.hf_config = self.model.config
 
     def resolved_config(self) -> VisionTowerConfig:
