@@ -283,7 +283,9 @@ class Engine:
         if isinstance(pixels, torch.Tensor):
             pixels = pixels.to(self.device)
         embeds = self.model.embed(ids, pixels)  # [B, T, D]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = self.model.position_ids(ids, mask)
+        if positions is None:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         out = self.lm(
             inputs_embeds=embeds,
@@ -293,7 +295,7 @@ class Engine:
             use_cache=True,
             logits_to_keep=1,
         )
-        return out.logits[:, -1], KVBatch(cache, mask)
+        return out.logits[:, -1], KVBatch(cache, mask, positions[:, -1] - (mask.sum(-1) - 1))
 
     def _step(self) -> None:
         """One decode step for every running row."""

@@ -16,10 +16,12 @@ from transformers import DynamicCache
 
 @dataclass
 class KVBatch:
-    """A DynamicCache over B rows plus their attention mask [B, T] (1 = real token)."""
+    """A DynamicCache over B rows plus their attention mask [B, T] (1 = real token) and, per row, how far
+    its positions run ahead of its real-token count (non-zero where reduced images keep a dense span)."""
 
     cache: DynamicCache
     mask: torch.Tensor
+    shift: torch.Tensor  # [B]
 
     @property
     def rows(self) -> int:
@@ -28,7 +30,7 @@ class KVBatch:
     def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Extend the mask by the column the next token fills; (mask [B, T+1], position ids [B, 1])."""
         self.mask = F.pad(self.mask, (0, 1), value=1)
-        return self.mask, self.mask.sum(-1, keepdim=True) - 1
+        return self.mask, (self.mask.sum(-1) - 1 + self.shift)[:, None]
 
     def merge(self, other: KVBatch) -> KVBatch:
         """This batch's rows followed by `other`'s, left-padded to the longer cache."""
@@ -37,12 +39,13 @@ class KVBatch:
             mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
             mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
         self.mask = torch.cat([_left_pad_mask(self.mask, width), _left_pad_mask(other.mask, width)])
+        self.shift = torch.cat([self.shift, other.shift])
         return self
 
     def select(self, keep: list[int]) -> KVBatch:
         """Only rows `keep` (in that order), then drop leading columns that are padding in every row."""
         index = torch.tensor(keep, device=self.mask.device)
-        self.mask = self.mask.index_select(0, index)
+        self.mask, self.shift = self.mask.index_select(0, index), self.shift.index_select(0, index)
         first = int(self.mask.any(0).nonzero()[0]) if self.mask.numel() else 0
         self.mask = self.mask[:, first:]
         for layer in self.cache.layers:

@@ -60,6 +60,8 @@ class VLModel(nn.Module):
         self.frontend = frontend
         self.reducers = nn.ModuleList(reducers or [])
         self.meter: Meter | None = None  # set a Meter to record what the reducers do
+        # RoPE positions one image spans when a tower reducer keeps the dense layout (None: its token count)
+        self.image_span: int | None = None
         self._visual_mask: torch.Tensor | None = None
         frontend.attach(language_model)
         for reducer in self.reducers:
@@ -157,6 +159,25 @@ class VLModel(nn.Module):
             mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)
         return mask
 
+    def position_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """The prompt's RoPE positions [B, T] when images keep a span other than their token count, else
+        None (the LLM counts positions itself).
+
+        Each image's tokens spread evenly over `image_span` positions, so the text after a reduced image
+        sits where it would after the full one: a model that learned where the question is still finds it.
+        """
+        span = self.image_span
+        if span is None or span == (tokens := self.frontend.num_image_tokens(None)):
+            return None
+        visual = self.frontend.visual_mask(input_ids)
+        index = (visual.long().cumsum(-1) - 1) % tokens  # each visual token's index within its image
+        widths = torch.where(visual, (index + 1) * span // tokens - index * span // tokens, 1)
+        if attention_mask is not None:
+            widths = widths * attention_mask.to(widths.dtype)
+        return widths.cumsum(-1) - widths
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -166,6 +187,7 @@ class VLModel(nn.Module):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         inputs_embeds = self.embed(input_ids, pixel_values)
+        kwargs.setdefault("position_ids", self.position_ids(input_ids, attention_mask))
         return self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
         )
@@ -182,6 +204,8 @@ class VLModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         kwargs.setdefault("suppress_tokens", self.frontend.special_token_ids)
+        # generate continues given positions by one per new token
+        kwargs.setdefault("position_ids", self.position_ids(input_ids, attention_mask))
         return self.language_model.generate(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
         )

@@ -446,6 +446,45 @@ def test_reducer_switched_on_for_a_plain_checkpoint(red_image, tmp_path):
     assert torch.equal(reduced(**batch).logits, same[0](**batch).logits)
 
 
+# -- positions: contiguous (official) or the dense layout ------------------------------------------------
+def test_dense_positions_put_the_text_after_a_reduced_image_where_it_was(red_image, blue_image):
+    plain, _, processor = build()
+    reduced = build(reducers=[turbo(positions="dense")])[0]
+    assert reduced.frontend.num_image_tokens() == 64 - 16 and reduced.image_span == 64
+    conversations = [chat("What color is it?"), chat("Is the yellow circle left or right of the big one?")]
+    dense = processor(conversations, [[red_image], [blue_image]])  # row 0 is left-padded
+    short = build(reducers=[turbo(positions="dense")])[2](conversations, [[red_image], [blue_image]])
+    assert plain.position_ids(dense["input_ids"], dense["attention_mask"]) is None  # nothing reduced
+    positions = reduced.position_ids(short["input_ids"], short["attention_mask"])
+    expected = (dense["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # what the LLM counts unreduced
+    visual = reduced.frontend.visual_mask(short["input_ids"])
+    for row in range(2):
+        real, dense_real = short["attention_mask"][row].bool(), dense["attention_mask"][row].bool()
+        text = real & ~visual[row]
+        tail = int((text & (visual[row].cumsum(0) > 0)).sum())  # text tokens after the image
+        head = int(text.sum()) - tail
+        assert positions[row][real][-tail:].tolist() == expected[row][dense_real][-tail:].tolist()
+        assert positions[row][real][:head].tolist() == expected[row][dense_real][:head].tolist()
+        image = positions[row][visual[row]]  # 48 tokens evenly over 64 positions
+        assert set(image.diff().tolist()) == {1, 2} and int(image[-1] - image[0]) < 64
+
+
+def test_dense_positions_change_the_answer_logits_only_through_rope(red_image):
+    contiguous = build(reducers=[turbo()])
+    dense = build(reducers=[turbo(positions="dense")])[0]
+    batch = train_batch(contiguous, red_image)
+    assert not torch.allclose(contiguous[0](**batch).logits, dense(**batch).logits)
+    positions = dense.position_ids(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(contiguous[0](**batch, position_ids=positions).logits, dense(**batch).logits)
+
+
+def test_dense_positions_decode_with_the_cache_as_in_a_full_recompute(red_image, blue_image):
+    vl = build("qwen2", reducers=[turbo(positions="dense")])
+    kit.assert_cached_decode_matches_recompute(vl, "What shape is the blue object?", red_image, atol=ATOL)
+    conversations = [chat("What color is the circle?"), chat("Is the yellow circle left or right of it?")]
+    kit.assert_padded_batch_matches_one_by_one(vl, conversations, [[red_image], [blue_image]], atol=ATOL)
+
+
 # -- configs and errors -------------------------------------------------------------------------------------
 def test_config_defaults_follow_the_official_llava_code():
     cfg = TurboConfig()
@@ -458,6 +497,7 @@ def test_config_defaults_follow_the_official_llava_code():
         40,
     )
     assert cfg.proportional and cfg.order == "merge" and cfg.semantic == "auto"
+    assert cfg.positions == "contiguous"  # the LLM numbers the kept tokens 0..V'-1, as the official code
     assert TurboConfig(tokens=288).r is None
     section = VLConfig.model_validate({"reducers": [{"type": "turbo", "r": [1, 2]}]}).reducers[0]
     assert isinstance(section, TurboConfig)
@@ -477,6 +517,7 @@ def test_config_defaults_follow_the_official_llava_code():
         ({"tokens": 100, "first_blocks": 0}, "greater than 0"),
         ({"inflect": 2}, "less than or equal to 1"),
         ({"rate": 3}, "rate"),
+        ({"positions": "original"}, "positions"),
     ],
 )
 def test_invalid_settings_are_rejected_with_the_key(settings, match_text):

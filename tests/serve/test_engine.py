@@ -85,8 +85,13 @@ def test_rows_joining_mid_flight_decode_as_alone(family, frontend, red_image, bl
 
 @pytest.mark.parametrize(
     ("reducer", "mode"),
-    [({"type": "turbo"}, "continuous"), ({"type": "pmod"}, "static"), ({"type": "fastv", "k": 1}, "static")],
-    ids=["turbo", "pmod", "fastv"],
+    [
+        ({"type": "turbo"}, "continuous"),
+        ({"type": "turbo", "positions": "dense"}, "continuous"),
+        ({"type": "pmod"}, "static"),
+        ({"type": "fastv", "k": 1}, "static"),
+    ],
+    ids=["turbo", "turbo-dense-positions", "pmod", "fastv"],
 )
 def test_models_with_token_reducers_decode_as_alone(reducer, mode, red_image, blue_image):
     """Tower-side reducers keep continuous batching; in-LLM ones (decoder hooks) get static batches."""
@@ -101,6 +106,23 @@ def test_models_with_token_reducers_decode_as_alone(reducer, mode, red_image, bl
     ]
     answers = _run_staggered(vl, cases, engine)
     assert answers == [_reference(vl, m, i, n) for m, i, n in cases]
+
+
+def test_a_reduced_image_kept_on_its_dense_span_decodes_at_the_positions_generate_uses(red_image):
+    """Tiny random models barely react to RoPE offsets, so the positions themselves are compared."""
+    frontend = {"type": "llava", "connector": {"merge": 1}, "vision": {"config": {"patch_size": 4}}}
+    turbo = {"type": "turbo", "r": 8, "min_tokens": 0, "positions": "dense"}
+    vl = tiny_model("llama", "clip_vision_model", frontend=frontend, reducers=[turbo])
+    assert vl[0].frontend.num_image_tokens() < vl[0].image_span
+    calls: list[list[int]] = []
+    vl[0].language_model.register_forward_pre_hook(
+        lambda _, args, kwargs: calls.append(kwargs["position_ids"][0, -1:].tolist()), with_kwargs=True
+    )
+    case = (chat(QUESTIONS[0]), [red_image], 6)
+    _reference(vl, *case)
+    generated, calls[:] = list(calls), []
+    _run_staggered(vl, [case], Engine(vl[0], vl[1], context_length=256, max_batch_size=8))
+    assert calls == generated[: len(calls)] and len(calls) >= 2
 
 
 def test_deep_fusion_models_run_static_batches_exactly(red_image, blue_image):

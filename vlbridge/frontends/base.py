@@ -83,8 +83,9 @@ class Frontend(nn.Module, ABC):
         """Positions holding image content [B, T] (bool): what in-LLM reducers may route or prune."""
         return input_ids == self.image_token_id
 
-    def reduce_tower(self, patch: Callable[[VisionTower], None], reducer: str) -> None:
-        """Let a tower reducer patch this front-end's vision tower, then recount the placeholders.
+    def reduce_tower(self, patch: Callable[[VisionTower], None], reducer: str) -> int:
+        """Let a tower reducer patch this front-end's vision tower, then recount the placeholders; returns
+        the count per image before the patch (the span a reducer may keep the image's positions on).
 
         Front-ends whose later stages need the tower's full 2-D grid (crop stitching, multiscale
         pooling, a learned per-position embedding) or that have no tower refuse.

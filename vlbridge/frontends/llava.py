@@ -51,7 +51,7 @@ class LlavaFrontend(Frontend):
     def group_paths(self) -> dict[str, str]:
         return {"vision_tower": "vision_tower.model", "connector": "connector"}
 
-    def reduce_tower(self, patch: Callable[[VisionTower], None], reducer: str) -> None:
+    def reduce_tower(self, patch: Callable[[VisionTower], None], reducer: str) -> int:
         connector = self.config.connector
         if connector.merge > 1 or connector.position_embedding:
             raise ConfigError(
@@ -59,9 +59,11 @@ class LlavaFrontend(Frontend):
                 "combined with frontend.connector.merge > 1 or connector.position_embedding (both need the "
                 "tower's full grid): set merge: 1 and position_embedding: false"
             )
+        dense = self._tokens_per_image
         patch(self.vision_tower)
         features, _ = probe_tower(self.vision_tower, self.image_processor.size)
         self._tokens_per_image = features.shape[1]
+        return dense
 
     def resolved_config(self) -> LlavaConfig:
         resolved = self.config.model_copy(deep=True)

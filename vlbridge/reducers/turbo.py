@@ -11,6 +11,8 @@ before the feature layer, earlier blocks taking the remainder). `first_blocks` c
 the first k blocks: the same tokens reach the LLM, but the tower runs shorter sequences sooner, which is
 what speeds up models whose tower is a large share of the prefill (at some accuracy cost: early merges
 see less context). Blocks after the front-end's feature layer never merge: their output is unused.
+`positions: dense` keeps each image on the RoPE positions the full image took (VLModel.position_ids), for
+models that locate text by its distance across the image; the official code numbers the kept tokens 0..V'-1.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ class TokenMergeConfig(ReducerConfig):
     min_tokens: NonNegativeInt = 0  # blocks whose input is shorter merge nothing (official r_threshold)
     proportional: bool = True  # attention logits + log(size); False = the official LLaVA path (unused bias)
     order: Literal["merge", "raster"] = "merge"  # raster: output sorted by each token's original index
+    # contiguous: the LLM numbers the V' tokens 0..V'-1 (official); dense: they spread over the V positions
+    # the full image took, so the text after it keeps its positions (VLModel.position_ids)
+    positions: Literal["contiguous", "dense"] = "contiguous"
 
     @model_validator(mode="before")
     @classmethod
@@ -108,7 +113,9 @@ class TokenMerging(Reducer):
     def attach(self, model: VLModel) -> None:
         owner = weakref.ref(model)
         self._meter = lambda: getattr(owner(), "meter", None)
-        model.frontend.reduce_tower(self._patch, self.config.type)
+        dense = model.frontend.reduce_tower(self._patch, self.config.type)
+        if self.config.positions == "dense":
+            model.image_span = dense
 
     # Turbo and ToMe differ only here.
     def lam(self) -> tuple[float, float, float]:
