@@ -449,11 +449,11 @@ def test_reducer_switched_on_for_a_plain_checkpoint(red_image, tmp_path):
 # -- positions: contiguous (official) or the dense layout ------------------------------------------------
 def test_dense_positions_put_the_text_after_a_reduced_image_where_it_was(red_image, blue_image):
     plain, _, processor = build()
-    reduced = build(reducers=[turbo(positions="dense")])[0]
+    reduced, _, reduced_processor = build(reducers=[turbo(positions="dense")])
     assert reduced.frontend.num_image_tokens() == 64 - 16 and reduced.image_span == 64
     conversations = [chat("What color is it?"), chat("Is the yellow circle left or right of the big one?")]
     dense = processor(conversations, [[red_image], [blue_image]])  # row 0 is left-padded
-    short = build(reducers=[turbo(positions="dense")])[2](conversations, [[red_image], [blue_image]])
+    short = reduced_processor(conversations, [[red_image], [blue_image]])
     assert plain.position_ids(dense["input_ids"], dense["attention_mask"]) is None  # nothing reduced
     positions = reduced.position_ids(short["input_ids"], short["attention_mask"])
     expected = (dense["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # what the LLM counts unreduced
@@ -478,8 +478,9 @@ def test_dense_positions_change_the_answer_logits_only_through_rope(red_image):
     torch.testing.assert_close(contiguous[0](**batch, position_ids=positions).logits, dense(**batch).logits)
 
 
-def test_dense_positions_decode_with_the_cache_as_in_a_full_recompute(red_image, blue_image):
-    vl = build("qwen2", reducers=[turbo(positions="dense")])
+@pytest.mark.parametrize("llm_side", [[], [{"type": "pmod"}]], ids=["alone", "with-pmod"])
+def test_dense_positions_decode_with_the_cache_as_in_a_full_recompute(llm_side, red_image, blue_image):
+    vl = build("qwen2", reducers=[turbo(positions="dense"), *llm_side])
     kit.assert_cached_decode_matches_recompute(vl, "What shape is the blue object?", red_image, atol=ATOL)
     conversations = [chat("What color is the circle?"), chat("Is the yellow circle left or right of it?")]
     kit.assert_padded_batch_matches_one_by_one(vl, conversations, [[red_image], [blue_image]], atol=ATOL)
