@@ -16,12 +16,14 @@ from transformers import DynamicCache
 
 @dataclass
 class KVBatch:
-    """A DynamicCache over B rows plus their attention mask [B, T] (1 = real token) and, per row, how far
-    its positions run ahead of its real-token count (non-zero where reduced images keep a dense span)."""
+    """A DynamicCache over B rows plus their attention mask [B, T] (1 = real token), per row how far its
+    positions run ahead of its real-token count (non-zero where reduced images keep a dense span), and
+    the keys' attention bias [B, T] where merged visual tokens weigh by their size (None: none)."""
 
     cache: DynamicCache
     mask: torch.Tensor
     shift: torch.Tensor  # [B]
+    bias: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -30,6 +32,8 @@ class KVBatch:
     def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Extend the mask by the column the next token fills; (mask [B, T+1], position ids [B, 1])."""
         self.mask = F.pad(self.mask, (0, 1), value=1)
+        if self.bias is not None:
+            self.bias = F.pad(self.bias, (0, 1))
         return self.mask, (self.mask.sum(-1) - 1 + self.shift)[:, None]
 
     def merge(self, other: KVBatch) -> KVBatch:
@@ -38,9 +42,14 @@ class KVBatch:
         for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
             mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
             mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
+        if self.bias is not None or other.bias is not None:
+            self.bias = torch.cat([_left_pad_mask(b.bias_or_zeros(), width) for b in (self, other)])
         self.mask = torch.cat([_left_pad_mask(self.mask, width), _left_pad_mask(other.mask, width)])
         self.shift = torch.cat([self.shift, other.shift])
         return self
+
+    def bias_or_zeros(self) -> torch.Tensor:
+        return self.bias if self.bias is not None else torch.zeros(self.mask.shape, device=self.mask.device)
 
     def select(self, keep: list[int]) -> KVBatch:
         """Only rows `keep` (in that order), then drop leading columns that are padding in every row."""
@@ -48,6 +57,8 @@ class KVBatch:
         self.mask, self.shift = self.mask.index_select(0, index), self.shift.index_select(0, index)
         first = int(self.mask.any(0).nonzero()[0]) if self.mask.numel() else 0
         self.mask = self.mask[:, first:]
+        if self.bias is not None:
+            self.bias = self.bias.index_select(0, index)[:, first:]
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, first:]
             layer.values = layer.values.index_select(0, index)[:, :, first:]

@@ -7,6 +7,8 @@ Reducers attach after the front-end and patch the tower or decoder layers in pla
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from peft import PeftModel
 from torch import nn
@@ -60,8 +62,14 @@ class VLModel(nn.Module):
         self.frontend = frontend
         self.reducers = nn.ModuleList(reducers or [])
         self.meter: Meter | None = None  # set a Meter to record what the reducers do
-        # RoPE positions one image spans when a tower reducer keeps the dense layout (None: its token count)
+        # RoPE positions one image spans when a tower reducer keeps the dense layout (None: its token count),
+        # and where in it each of the last encoded images' tokens sits ([N_img, V']; None: spread evenly)
         self.image_span: int | None = None
+        self.image_offsets: Callable[[], torch.Tensor | None] = lambda: None
+        # patches each of the last encoded images' tokens stands for, [N_img, V'], when the LLM weighs
+        # merged tokens by it (reducers/size_bias.py); and the key bias of the LLM call under way
+        self.image_sizes: Callable[[], torch.Tensor | None] = lambda: None
+        self.key_bias_for: torch.Tensor | None = None
         self._visual_mask: torch.Tensor | None = None
         frontend.attach(language_model)
         for reducer in self.reducers:
@@ -165,18 +173,62 @@ class VLModel(nn.Module):
         """The prompt's RoPE positions [B, T] when images keep a span other than their token count, else
         None (the LLM counts positions itself).
 
-        Each image's tokens spread evenly over `image_span` positions, so the text after a reduced image
-        sits where it would after the full one: a model that learned where the question is still finds it.
+        Each image keeps `image_span` positions, so the text after a reduced image sits where it would after
+        the full one: a model that learned where the question is still finds it. Its tokens sit at the
+        reducer's `image_offsets` (each merged token at its representative patch's position), or spread
+        evenly over the span.
         """
         span = self.image_span
-        if span is None or span == (tokens := self.frontend.num_image_tokens(None)):
+        if span is None:
             return None
+        tokens = self.frontend.num_image_tokens(None)
         visual = self.frontend.visual_mask(input_ids)
-        index = (visual.long().cumsum(-1) - 1) % tokens  # each visual token's index within its image
-        widths = torch.where(visual, (index + 1) * span // tokens - index * span // tokens, 1)
+        images = int(visual.sum()) // tokens
+        offsets = self.image_offsets() if images else None
+        if offsets is None:
+            if span == tokens:
+                return None
+            offsets = (torch.arange(tokens, device=input_ids.device) * span // tokens).expand(images, -1)
+        if offsets.shape != (images, tokens):
+            raise RuntimeError(
+                f"the reducer's image positions {tuple(offsets.shape)} are not those of the prompt's "
+                f"{images} images of {tokens} tokens; call embed() on the same batch first"
+            )
+        offsets = offsets.to(input_ids.device)
+        following = torch.cat([offsets[:, 1:], offsets.new_full((images, 1), span)], dim=1)
+        first = torch.zeros_like(offsets, dtype=torch.bool)
+        first[:, 0] = True
+        widths = torch.ones_like(input_ids)  # positions each token advances the next one by
+        widths[visual] = (following - offsets.masked_fill(first, 0)).flatten()
         if attention_mask is not None:
             widths = widths * attention_mask.to(widths.dtype)
-        return widths.cumsum(-1) - widths
+        lead = torch.zeros_like(input_ids)  # an image's first token may sit after its span's start
+        lead[visual] = offsets.masked_fill(~first, 0).flatten()
+        return widths.cumsum(-1) - widths + lead
+
+    def key_bias(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """log of the patches each visual token of the last embedded prompt stands for, at its position
+        [B, T] (0 on text); None when no reducer weighs tokens by size or the prompt has no image."""
+        visual = self.frontend.visual_mask(input_ids)
+        sizes = self.image_sizes() if visual.any() else None
+        if sizes is None:
+            return None
+        if sizes.numel() != int(visual.sum()):
+            raise RuntimeError(
+                f"the reducer's token sizes {tuple(sizes.shape)} are not those of the prompt's "
+                f"{int(visual.sum())} visual tokens; call embed() on the same batch first"
+            )
+        bias = torch.zeros(input_ids.shape, device=input_ids.device)
+        bias[visual] = sizes.to(bias.device, torch.float32).log().flatten()
+        return bias
+
+    def _llm_call(self, call: Callable, input_ids: torch.Tensor, **kwargs):
+        """Run `call` (the LLM's forward or generate) with the prompt's key bias set for its decoder stack."""
+        self.key_bias_for = self.key_bias(input_ids)
+        try:
+            return call(**kwargs)
+        finally:
+            self.key_bias_for = None
 
     def forward(
         self,
@@ -188,8 +240,13 @@ class VLModel(nn.Module):
     ) -> CausalLMOutputWithPast:
         inputs_embeds = self.embed(input_ids, pixel_values)
         kwargs.setdefault("position_ids", self.position_ids(input_ids, attention_mask))
-        return self.language_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
+        return self._llm_call(
+            self.language_model,
+            input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            labels=labels,
+            **kwargs,
         )
 
     @torch.no_grad()
@@ -206,6 +263,10 @@ class VLModel(nn.Module):
         kwargs.setdefault("suppress_tokens", self.frontend.special_token_ids)
         # generate continues given positions by one per new token
         kwargs.setdefault("position_ids", self.position_ids(input_ids, attention_mask))
-        return self.language_model.generate(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
+        return self._llm_call(
+            self.language_model.generate,
+            input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            **kwargs,
         )

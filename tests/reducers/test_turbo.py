@@ -486,6 +486,32 @@ def test_dense_positions_decode_with_the_cache_as_in_a_full_recompute(llm_side, 
     kit.assert_padded_batch_matches_one_by_one(vl, conversations, [[red_image], [blue_image]], atol=ATOL)
 
 
+def test_original_positions_put_each_token_at_its_representative_patch(red_image, blue_image):
+    reduced, _, processor = build(reducers=[turbo(positions="original", order="raster")])
+    conversations = [chat("What color is it?"), chat("Is the yellow circle left or right of the big one?")]
+    batch = processor(conversations, [[red_image], [blue_image]])  # row 0 is left-padded
+    reduced.embed(batch["input_ids"], batch["pixel_values"])
+    positions = reduced.position_ids(batch["input_ids"], batch["attention_mask"])
+    visual = reduced.frontend.visual_mask(batch["input_ids"])
+    patches = merger_of(reduced).output_positions()[:, 1:] - 1  # the tower's indices, CLS dropped
+    assert patches.shape == (2, 64 - 16)
+    for row in range(2):
+        real = batch["attention_mask"][row].bool()
+        start = int(positions[row][visual[row]][0] - patches[row, 0])  # where the full image would begin
+        assert positions[row][visual[row]].tolist() == (start + patches[row]).tolist()
+        assert bool((patches[row].diff() > 0).all())  # raster order: distinct, increasing
+        after = positions[row][real & ~visual[row] & (visual[row].cumsum(0) > 0)]
+        assert int(after[0]) == start + 64  # the text after sits where it would after the full image
+        assert positions[row][real][0] == 0
+
+
+def test_original_positions_without_merges_leave_the_llm_counting(red_image):
+    vl = build(reducers=[turbo(r=0, positions="original")])
+    batch = train_batch(vl, red_image)
+    assert vl[0].position_ids(batch["input_ids"], batch["attention_mask"]) is None
+    assert torch.equal(vl[0](**batch).logits, build()[0](**batch).logits)
+
+
 # -- configs and errors -------------------------------------------------------------------------------------
 def test_config_defaults_follow_the_official_llava_code():
     cfg = TurboConfig()
@@ -518,7 +544,7 @@ def test_config_defaults_follow_the_official_llava_code():
         ({"tokens": 100, "first_blocks": 0}, "greater than 0"),
         ({"inflect": 2}, "less than or equal to 1"),
         ({"rate": 3}, "rate"),
-        ({"positions": "original"}, "positions"),
+        ({"positions": "sparse"}, "positions"),
     ],
 )
 def test_invalid_settings_are_rejected_with_the_key(settings, match_text):

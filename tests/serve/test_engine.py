@@ -10,6 +10,7 @@ import time
 
 import httpx
 import pytest
+import torch
 from serve_kit import LiveServer, image_message, server_config
 from vlbridge.serve.engine import Engine, Overloaded
 from vlbridge.serve.generation import Generation
@@ -88,10 +89,11 @@ def test_rows_joining_mid_flight_decode_as_alone(family, frontend, red_image, bl
     [
         ({"type": "turbo"}, "continuous"),
         ({"type": "turbo", "positions": "dense"}, "continuous"),
+        ({"type": "turbo", "positions": "original", "llm_proportional": True}, "continuous"),
         ({"type": "pmod"}, "static"),
         ({"type": "fastv", "k": 1}, "static"),
     ],
-    ids=["turbo", "turbo-dense-positions", "pmod", "fastv"],
+    ids=["turbo", "turbo-dense-positions", "turbo-weighted", "pmod", "fastv"],
 )
 def test_models_with_token_reducers_decode_as_alone(reducer, mode, red_image, blue_image):
     """Tower-side reducers keep continuous batching; in-LLM ones (decoder hooks) get static batches."""
@@ -123,6 +125,24 @@ def test_a_reduced_image_kept_on_its_dense_span_decodes_at_the_positions_generat
     generated, calls[:] = list(calls), []
     _run_staggered(vl, [case], Engine(vl[0], vl[1], context_length=256, max_batch_size=8))
     assert calls == generated[: len(calls)] and len(calls) >= 2
+
+
+def test_merged_tokens_weigh_by_size_in_the_engine_as_in_generate(red_image):
+    """The decoder stack gets the same biased masks, prefill and every step, from both paths."""
+    frontend = {"type": "llava", "connector": {"merge": 1}, "vision": {"config": {"patch_size": 4}}}
+    turbo = {"type": "turbo", "r": 8, "min_tokens": 0, "llm_proportional": True}
+    vl = tiny_model("llama", "clip_vision_model", frontend=frontend, reducers=[turbo])
+    masks: list[torch.Tensor] = []
+    vl[0].language_model.model.register_forward_pre_hook(  # runs after the bias hook
+        lambda _, args, kwargs: masks.append(kwargs["attention_mask"]), with_kwargs=True
+    )
+    case = (chat(QUESTIONS[0]), [red_image], 6)
+    _reference(vl, *case)
+    generated, masks[:] = list(masks), []
+    _run_staggered(vl, [case], Engine(vl[0], vl[1], context_length=256, max_batch_size=8))
+    assert len(masks) >= 2 and generated[0].dim() == 4 and generated[0].max() > 0  # log sizes > 0
+    for ours, reference in zip(masks, generated, strict=False):
+        torch.testing.assert_close(ours, reference)
 
 
 def test_deep_fusion_models_run_static_batches_exactly(red_image, blue_image):

@@ -32,3 +32,13 @@ def test_merge_and_select_carry_the_shift_with_the_row():
     keys = kv.cache.layers[0].keys
     assert keys[0, 0, :, 0].tolist() == [10.0] * 7 and keys[1, 0, -3:, 0].tolist() == [1.0] * 3
     assert kv.step_inputs()[1].tolist() == [[7 + 4], [3 + 16]]
+
+
+def test_the_key_bias_follows_its_row_and_new_tokens_get_none():
+    kv = batch([3, 5], [0, 0], fill=1.0)
+    kv.bias = torch.tensor([[0.0, 0.0, 0.0, 0.7, 0.0], [0.0, 1.1, 0.0, 0.0, 0.0]])
+    kv = kv.merge(batch([2], [0], fill=10.0))  # a row without reduced images joins
+    assert kv.bias.tolist()[2] == [0.0] * 5
+    kv = kv.select([2, 0])  # the 5-token row leaves: two columns of padding go
+    kv.step_inputs()
+    assert torch.allclose(kv.bias, torch.tensor([[0.0, 0, 0, 0], [0, 0.7, 0, 0]]))

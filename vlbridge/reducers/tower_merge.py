@@ -168,12 +168,19 @@ class TowerMerger:
         plan = match(metric, r, semantic=semantic, lam=lam, protect_first=self.protected > 0)
         if state.sizes is None:
             state.sizes = torch.ones(*x.shape[:2], 1, device=x.device)
-            if self.raster_order:
-                state.positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)[..., None]
+            state.positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)[..., None]
         merged, state.sizes = merge_weighted(x.float(), state.sizes, plan)
-        if state.positions is not None:
-            state.positions = merge_positions(state.positions, plan)
+        state.positions = merge_positions(state.positions, plan)
         return merged.to(x.dtype)
+
+    def output_positions(self) -> torch.Tensor | None:
+        """Original index of each token the last forward output (its representative's), [B, N']; None
+        when nothing merged."""
+        return None if self.state.positions is None else self.state.positions[..., 0]
+
+    def output_sizes(self) -> torch.Tensor | None:
+        """Patches each token the last forward output stands for, [B, N']; None when nothing merged."""
+        return None if self.state.sizes is None else self.state.sizes[..., 0]
 
     def _record(self) -> None:
         meter = self.meter()

@@ -21,6 +21,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
+import torch
 from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 from torch import nn
 
@@ -28,6 +29,7 @@ from ..config import ReducerConfig
 from ..errors import ConfigError
 from ..registry import REDUCERS
 from ..vision_towers import VisionTower
+from . import size_bias
 from .base import Reducer
 from .merge import token_trajectory
 from .tower_merge import SEMANTIC_VALUES, MergeSchedule, SemanticValue, TowerMerger, patch_encoder
@@ -54,9 +56,13 @@ class TokenMergeConfig(ReducerConfig):
     min_tokens: NonNegativeInt = 0  # blocks whose input is shorter merge nothing (official r_threshold)
     proportional: bool = True  # attention logits + log(size); False = the official LLaVA path (unused bias)
     order: Literal["merge", "raster"] = "merge"  # raster: output sorted by each token's original index
-    # contiguous: the LLM numbers the V' tokens 0..V'-1 (official); dense: they spread over the V positions
-    # the full image took, so the text after it keeps its positions (VLModel.position_ids)
-    positions: Literal["contiguous", "dense"] = "contiguous"
+    # contiguous: the LLM numbers the V' tokens 0..V'-1 (official). The image keeps the V positions the full
+    # one took, so the text after it keeps its positions (VLModel.position_ids), with dense: its tokens
+    # spread evenly over them; original: each token at its representative patch's position (as p-MoD)
+    positions: Literal["contiguous", "dense", "original"] = "contiguous"
+    # the LLM's attention also weighs each visual token by the patches it stands for (size_bias.py);
+    # off: the LLM sees merged tokens as single patches (official)
+    llm_proportional: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -114,8 +120,23 @@ class TokenMerging(Reducer):
         owner = weakref.ref(model)
         self._meter = lambda: getattr(owner(), "meter", None)
         dense = model.frontend.reduce_tower(self._patch, self.config.type)
-        if self.config.positions == "dense":
+        if self.config.positions != "contiguous":
             model.image_span = dense
+        if self.config.positions == "original":
+            model.image_offsets = self.image_offsets
+        if self.config.llm_proportional:
+            size_bias.install(model, self.config.type)
+            model.image_sizes = self.image_sizes
+
+    def image_offsets(self) -> torch.Tensor | None:
+        """Each visual token's patch index in the last encoded images, [N_img, V'] (None: nothing merged)."""
+        positions = self.merger.output_positions()
+        return None if positions is None else positions[:, self._dropped :] - self._dropped
+
+    def image_sizes(self) -> torch.Tensor | None:
+        """Patches each visual token of the last encoded images stands for, [N_img, V']."""
+        sizes = self.merger.output_sizes()
+        return None if sizes is None else sizes[:, self._dropped :]
 
     # Turbo and ToMe differ only here.
     def lam(self) -> tuple[float, float, float]:
@@ -129,6 +150,7 @@ class TokenMerging(Reducer):
         layers = encoder_blocks(tower, self.config.type)
         output = feature_block_count(tower, len(layers), self.config.type)
         protected = int(tower.family.has_cls)
+        self._dropped = protected if tower.cfg.feature_select == "patch" else 0  # CLS never reaches the LLM
         self.merger = TowerMerger(
             blocks=len(layers),
             schedule_for=self._schedule_builder(tower, len(layers), output, protected),
@@ -160,12 +182,12 @@ class TokenMerging(Reducer):
             r = per_block_r(cfg.r, cfg.inflect, span, cfg.type) + [0] * (blocks - span)
             fixed = self._with_lam([v if i < merging else 0 for i, v in enumerate(r)])
             return lambda n: fixed
-        dropped = protected if tower.cfg.feature_select == "patch" else 0  # CLS never reaches the LLM
         cache: dict[int, MergeSchedule] = {}
 
         def for_tokens(n: int) -> MergeSchedule:
             if n not in cache:
-                spread = spread_budget(n, cfg.tokens + dropped, merging, protected, cfg.min_tokens, cfg.type)
+                target = cfg.tokens + self._dropped
+                spread = spread_budget(n, target, merging, protected, cfg.min_tokens, cfg.type)
                 cache[n] = self._with_lam(spread + [0] * (blocks - merging))
             return cache[n]
 
