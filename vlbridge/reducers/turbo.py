@@ -11,8 +11,10 @@ before the feature layer, earlier blocks taking the remainder). `first_blocks` c
 the first k blocks: the same tokens reach the LLM, but the tower runs shorter sequences sooner, which is
 what speeds up models whose tower is a large share of the prefill (at some accuracy cost: early merges
 see less context). Blocks after the front-end's feature layer never merge: their output is unused.
-`positions: dense` keeps each image on the RoPE positions the full image took (VLModel.position_ids), for
-models that locate text by its distance across the image; the official code numbers the kept tokens 0..V'-1.
+`positions: dense | original` keeps each image on the RoPE span the full image took (VLModel.position_ids),
+for models that locate text by its distance across the image; the official code numbers the kept tokens
+0..V'-1. `llm_proportional` weighs each merged token by its size in the LLM's attention too (size_bias.py),
+so that the LLM's counts do not drift; off in the official code.
 """
 
 from __future__ import annotations
