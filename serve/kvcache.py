@@ -43,12 +43,12 @@ class KVBatch:
             mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
             mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
         if self.bias is not None or other.bias is not None:
-            self.bias = torch.cat([_left_pad_mask(b.bias_or_zeros(), width) for b in (self, other)])
-        self.mask = torch.cat([_left_pad_mask(self.mask, width), _left_pad_mask(other.mask, width)])
+            self.bias = torch.cat([_left_pad_columns(b._bias_or_zeros(), width) for b in (self, other)])
+        self.mask = torch.cat([_left_pad_columns(self.mask, width), _left_pad_columns(other.mask, width)])
         self.shift = torch.cat([self.shift, other.shift])
         return self
 
-    def bias_or_zeros(self) -> torch.Tensor:
+    def _bias_or_zeros(self) -> torch.Tensor:
         return self.bias if self.bias is not None else torch.zeros(self.mask.shape, device=self.mask.device)
 
     def select(self, keep: list[int]) -> KVBatch:
@@ -70,5 +70,6 @@ def _left_pad(states: torch.Tensor, width: int) -> torch.Tensor:
     return F.pad(states, (0, 0, width - states.shape[-2], 0))
 
 
-def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
-    return F.pad(mask, (width - mask.shape[1], 0), value=0)
+def _left_pad_columns(columns: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, T] -> [B, width], zeros on the left (masks and key biases)."""
+    return F.pad(columns, (width - columns.shape[1], 0), value=0)
