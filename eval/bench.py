@@ -25,6 +25,7 @@ from transformers import LogitsProcessorList
 from vlbridge.config import Strict, VLConfig, deep_merge
 from vlbridge.errors import ConfigError
 from vlbridge.families import choose_dtype
+from vlbridge.llm_calls import returned_cache
 from vlbridge.modeling import VLModel
 from vlbridge.processing import VLProcessor, pad_batch
 from vlbridge.recipe import LoRASettings, Mode, StageConfig, load_yaml_config
@@ -184,7 +185,7 @@ class Bench:
 
         out["prefill_s"] = median_seconds(prefill, device, cfg.repeats, cfg.warmup)
         with peak_memory(device) as peak:
-            past = prefill().past_key_values
+            past = returned_cache(prefill())
         if peak["bytes"] is not None:
             out["prefill_peak_mb"] = peak["bytes"] / 2**20
         out["kv_cache_mb"] = cache_bytes(past) / 2**20

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from vlbridge.llm_calls import key_bias_kwargs, with_cache
 from vlbridge.processing import pad_batch
-from vlbridge.reducers.size_bias import biased_mask
 from vlbridge.tokenization import generation_kwargs
 
 from .errors import APIError
@@ -290,27 +290,20 @@ class Engine:
         bias = self.model.key_bias(ids)
         cache = DynamicCache()
         out = self.lm(
-            inputs_embeds=embeds,
-            attention_mask=self._attention(mask, bias, ids.shape[1]),
-            position_ids=positions,
-            past_key_values=cache,
+            **with_cache(self.lm, cache, inputs_embeds=embeds, attention_mask=mask, position_ids=positions),
+            **key_bias_kwargs(bias),
             use_cache=True,
             logits_to_keep=1,
         )
         return out.logits[:, -1], KVBatch(cache, mask, positions[:, -1] - (mask.sum(-1) - 1), bias)
 
-    def _attention(self, mask: torch.Tensor, bias: torch.Tensor | None, n_query: int) -> torch.Tensor:
-        """The LLM's mask: the 2-D padding mask, or the biased 4-D one where merged tokens weigh by size."""
-        return mask if bias is None else biased_mask(mask, bias, n_query, self.lm.dtype)
-
     def _step(self) -> None:
         """One decode step for every running row."""
         mask, positions = self._kv.step_inputs()
         out = self.lm(
-            input_ids=self._last[:, None],
-            attention_mask=self._attention(mask, self._kv.bias, 1),
+            **with_cache(self.lm, self._kv.cache, input_ids=self._last[:, None], attention_mask=mask),
             position_ids=positions,
-            past_key_values=self._kv.cache,
+            **key_bias_kwargs(self._kv.bias),
             use_cache=True,
         )
         live = sum(not r.done for r in self._rows)
@@ -356,10 +349,5 @@ class Engine:
 
 
 def has_layer_hooks(module: torch.nn.Module) -> bool:
-    """True when any submodule carries forward hooks (in-layer plug-ins that may hold per-batch state)
-    other than ones that act only inside VLModel.forward / generate (`batch_free`)."""
-    return any(
-        not getattr(hook, "batch_free", False)
-        for m in module.modules()
-        for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
-    )
+    """True when any submodule carries forward hooks (in-layer plug-ins that may hold per-batch state)."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())

@@ -19,6 +19,7 @@ from .config import VLConfig
 from .errors import ConfigError
 from .families import choose_attention, choose_dtype
 from .frontends.base import Frontend
+from .llm_calls import every_call, key_bias_kwargs
 from .lora import merge
 from .reducers.base import Meter, Reducer
 from .registry import FRONTENDS, REDUCERS
@@ -67,9 +68,8 @@ class VLModel(nn.Module):
         self.image_span: int | None = None
         self.image_offsets: Callable[[], torch.Tensor | None] = lambda: None
         # patches each of the last encoded images' tokens stands for, [N_img, V'], when the LLM weighs
-        # merged tokens by it (reducers/size_bias.py); and the key bias of the LLM call under way
+        # merged tokens by it (reducers/size_bias.py)
         self.image_sizes: Callable[[], torch.Tensor | None] = lambda: None
-        self.key_bias_for: torch.Tensor | None = None
         self._visual_mask: torch.Tensor | None = None
         frontend.attach(language_model)
         for reducer in self.reducers:
@@ -222,14 +222,6 @@ class VLModel(nn.Module):
         bias[visual] = sizes.to(bias.device, torch.float32).log().flatten()
         return bias
 
-    def _llm_call(self, call: Callable, input_ids: torch.Tensor, **kwargs):
-        """Run `call` (the LLM's forward or generate) with the prompt's key bias set for its decoder stack."""
-        self.key_bias_for = self.key_bias(input_ids)
-        try:
-            return call(**kwargs)
-        finally:
-            self.key_bias_for = None
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -240,12 +232,11 @@ class VLModel(nn.Module):
     ) -> CausalLMOutputWithPast:
         inputs_embeds = self.embed(input_ids, pixel_values)
         kwargs.setdefault("position_ids", self.position_ids(input_ids, attention_mask))
-        return self._llm_call(
-            self.language_model,
-            input_ids,
+        return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             labels=labels,
+            **key_bias_kwargs(self.key_bias(input_ids)),
             **kwargs,
         )
 
@@ -263,10 +254,7 @@ class VLModel(nn.Module):
         kwargs.setdefault("suppress_tokens", self.frontend.special_token_ids)
         # generate continues given positions by one per new token
         kwargs.setdefault("position_ids", self.position_ids(input_ids, attention_mask))
-        return self._llm_call(
-            self.language_model.generate,
-            input_ids,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            **kwargs,
-        )
+        with every_call(self.language_model, **key_bias_kwargs(self.key_bias(input_ids))):
+            return self.language_model.generate(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
+            )

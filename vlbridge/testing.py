@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 
 from .config import VLConfig, deep_merge
+from .llm_calls import returned_cache
 from .modeling import VLModel
 from .processing import VLProcessor, pad_batch
 from .registry import FRONTENDS, VISION_TOWERS
@@ -221,7 +222,7 @@ def assert_cached_decode_matches_recompute(
     model, _, processor = vl
     inputs = processor([chat(question)], [[image]])
     out = greedy(model, inputs, max_new_tokens=max_new_tokens)
-    assert out.past_key_values is not None
+    assert returned_cache(out) is not None
     tokens = out.sequences[0]
     assert len(tokens) >= 1
     for step, token in enumerate(tokens):

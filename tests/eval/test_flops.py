@@ -17,6 +17,7 @@ from vlbridge.eval.flops import (
     vit_tokens,
 )
 
+from vlbridge.llm_calls import returned_cache
 from vlbridge.testing import TINY_LLM_CONFIGS, chat, tiny_model
 
 PARTS = ("VLModel.frontend", "VLModel.language_model")  # routers and scores run inside the LLM
@@ -58,7 +59,7 @@ def test_analytic_prefill_flops_equal_the_counter(family, reducer):
 
     def prefill():
         with torch.no_grad():
-            out["past"] = model(**inputs, use_cache=True).past_key_values
+            out["past"] = returned_cache(model(**inputs, use_cache=True))
 
     counted = count_flops_by_module(prefill, PARTS)
     batch, seq = inputs["input_ids"].shape

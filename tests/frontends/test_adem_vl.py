@@ -17,6 +17,7 @@ from vlbridge import testing as kit
 from vlbridge.errors import ConfigError, DataError
 from vlbridge.frontends.adem_vl import AdemVLConfig, AdemVLFrontend
 from vlbridge.frontends.adem_vl_fusion import VisualMemory, adaptive_drop, drop_count, fuse, multiscale
+from vlbridge.llm_calls import returned_cache
 from vlbridge.modeling import VLModel, build_llm
 from vlbridge.processing import pad_batch
 from vlbridge.recipe import LoRASettings, StageConfig, load_recipe
@@ -249,7 +250,7 @@ def test_decode_needs_no_extra_cache(red_image):
     model, _, processor = build()
     inputs = processor([chat("What shape is the blue object?")], [[red_image]])
     out = greedy(model, inputs, max_new_tokens=4, min_new_tokens=4)
-    cache = out.past_key_values
+    cache = returned_cache(out)
     assert len(cache.layers) == model.language_model.config.num_hidden_layers
     prompt_len = inputs["input_ids"].shape[1]
     assert all(layer.keys.shape[-2] == prompt_len + 3 for layer in cache.layers)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from vlbridge.errors import ConfigError
+from vlbridge.llm_calls import returned_cache
 from vlbridge.reducers import Meter
 from vlbridge.reducers.fastv import FastVConfig, keep_count, last_query_attention
 from vlbridge.testing import TINY_LLM_CONFIGS, chat, greedy, tiny_model
@@ -90,7 +91,7 @@ def test_cache_holds_s_tokens_below_k_and_s_prime_from_k(image):
         **inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, return_dict_in_generate=True
     )
     pruned = seq - 16 + 8
-    assert [out.past_key_values.get_seq_length(i) for i in range(4)] == [seq + 2] * K + [pruned + 2] * 2
+    assert [returned_cache(out).get_seq_length(i) for i in range(4)] == [seq + 2] * K + [pruned + 2] * 2
 
 
 @pytest.mark.parametrize("family", list(TINY_LLM_CONFIGS))
@@ -189,7 +190,7 @@ def test_switches_on_for_a_saved_checkpoint(image, tmp_path):
     inputs = processor([chat("What color is the circle?")], [[image]])
     out = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
     seq = inputs["input_ids"].shape[1]
-    assert [out.past_key_values.get_seq_length(i) for i in range(4)] == [seq + 1] + [seq - 12 + 1] * 3
+    assert [returned_cache(out).get_seq_length(i) for i in range(4)] == [seq + 1] + [seq - 12 + 1] * 3
     assert not (tmp_path / "ckpt" / "reducers.safetensors").exists()  # nothing to save: training-free
 
 

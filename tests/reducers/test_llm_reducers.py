@@ -14,6 +14,7 @@ from PIL import Image
 from transformers import DynamicCache
 
 from vlbridge.errors import DataError
+from vlbridge.llm_calls import returned_cache, with_cache
 from vlbridge.testing import (
     TINY_LLM_CONFIGS,
     assert_cached_decode_matches_recompute,
@@ -108,7 +109,7 @@ def test_a_cache_spliced_outside_the_model_is_a_data_error(reducer):
     inputs = processor([chat("What color?")], [[images("llava")[0]]])
     cache = DynamicCache()
     with torch.no_grad():
-        model(**inputs, past_key_values=cache, use_cache=True)
+        model(**inputs, **with_cache(model.language_model, cache), use_cache=True)
         for layer in cache.layers:  # pad every layer to layer 0's length, as a row merge would
             width = cache.layers[0].keys.shape[2]
             layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, width - layer.keys.shape[2], 0))
@@ -116,7 +117,8 @@ def test_a_cache_spliced_outside_the_model_is_a_data_error(reducer):
         step = torch.ones(1, inputs["input_ids"].shape[1] + 1, dtype=torch.long)
         with pytest.raises(DataError, match="KV cache holds"):
             model.language_model(
-                input_ids=inputs["input_ids"][:, -1:], attention_mask=step, past_key_values=cache
+                **with_cache(model.language_model, cache, input_ids=inputs["input_ids"][:, -1:]),
+                attention_mask=step,
             )
     assert model.reducers[0].aligned_cache is False
 
@@ -135,5 +137,6 @@ def test_a_manual_decode_loop_on_the_cache_a_forward_returns_equals_generate(red
             torch.testing.assert_close(step.logits[0, -1], out.logits[index][0], atol=1e-5, rtol=0)
             mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
             step = model.language_model(
-                input_ids=token.view(1, 1), attention_mask=mask, past_key_values=step.past_key_values
+                **with_cache(model.language_model, returned_cache(step), input_ids=token.view(1, 1)),
+                attention_mask=mask,
             )

@@ -14,6 +14,7 @@ from transformers import StaticCache
 
 from vlbridge.checkpoint import REDUCERS_FILE
 from vlbridge.errors import ConfigError
+from vlbridge.llm_calls import returned_cache, with_cache
 from vlbridge.modeling import VLModel
 from vlbridge.recipe import LoRASettings, StageConfig
 from vlbridge.reducers import Meter, parse_reducer_spec
@@ -261,7 +262,7 @@ def test_cache_holds_text_plus_kept_vision_per_layer_and_grows_by_one(red_image)
     ratios = model.reducers[0].ratios
     expected = [seq if r is None else seq - visual + host_budget([visual], r)[0] for r in ratios]
     assert expected[1:] != [seq] * 3  # the schedule does shorten layers 1-3
-    lengths = [out.past_key_values.get_seq_length(layer) for layer in range(4)]
+    lengths = [returned_cache(out).get_seq_length(layer) for layer in range(4)]
     assert lengths == [n + 2 for n in expected]  # the last generated token is never fed back
 
 
@@ -410,7 +411,7 @@ def test_static_cache_is_refused(red_image):
     inputs = processor([chat("What color?")], [[red_image]])
     cache = StaticCache(config=model.language_model.config, max_cache_len=64)
     with pytest.raises(ConfigError, match="DynamicCache; got StaticCache"):
-        model(**inputs, past_key_values=cache)
+        model(**inputs, **with_cache(model.language_model, cache))
 
 
 def test_a_4d_attention_mask_is_refused(red_image):
@@ -469,7 +470,7 @@ def test_an_empty_kept_set_runs_nothing_and_still_decodes(red_image):
         return_dict_in_generate=True,
         output_logits=True,
     )
-    assert [out.past_key_values.get_seq_length(i) for i in range(4)] == [18, 2, 2, 2]
+    assert [returned_cache(out).get_seq_length(i) for i in range(4)] == [18, 2, 2, 2]
     for step, token in enumerate(out.sequences[0]):
         full = torch.cat([ids[0], out.sequences[0, :step]])[None]
         with torch.no_grad():

@@ -82,9 +82,9 @@ def test_cached_decoding_and_padded_batches_keep_the_bias(positions, red_image, 
 
 
 def test_beam_search_repeats_each_prompts_bias(red_image):
-    mask = torch.ones(4, 5, dtype=torch.long)
+    query, key = torch.zeros(4, 2, 2, 8), torch.zeros(4, 2, 5, 8)  # two prompts, two beams each
     bias = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 2.0]])
-    out = biased_mask(mask, bias, 2, torch.float32)  # two prompts, two beams each
+    out = biased_mask(None, bias, query, key)
     assert out.shape == (4, 1, 2, 5)
     assert out[:, 0, -1].tolist() == [[0, 1, 0, 0, 0]] * 2 + [[0, 0, 2, 0, 0]] * 2
     assert out[0, 0, 0, -1] == torch.finfo(torch.float32).min  # causal: the key after the query is hidden

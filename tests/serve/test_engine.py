@@ -17,6 +17,8 @@ from vlbridge.serve.generation import Generation
 from vlbridge.serve.prompts import Prompt
 from vlbridge.serve.sampling import SamplingParams
 
+from vlbridge.reducers import size_bias
+from vlbridge.reducers.size_bias import biased_mask
 from vlbridge.testing import chat, tiny_model
 from vlbridge.tokenization import generation_kwargs
 
@@ -127,20 +129,23 @@ def test_a_reduced_image_kept_on_its_dense_span_decodes_at_the_positions_generat
     assert calls == generated[: len(calls)] and len(calls) >= 2
 
 
-def test_merged_tokens_weigh_by_size_in_the_engine_as_in_generate(red_image):
-    """The decoder stack gets the same biased masks, prefill and every step, from both paths."""
+def test_merged_tokens_weigh_by_size_in_the_engine_as_in_generate(red_image, monkeypatch):
+    """Every attention call gets the same biased mask, prefill and every step, from both paths."""
     frontend = {"type": "llava", "connector": {"merge": 1}, "vision": {"config": {"patch_size": 4}}}
     turbo = {"type": "turbo", "r": 8, "min_tokens": 0, "llm_proportional": True}
     vl = tiny_model("llama", "clip_vision_model", frontend=frontend, reducers=[turbo])
     masks: list[torch.Tensor] = []
-    vl[0].language_model.model.register_forward_pre_hook(  # runs after the bias hook
-        lambda _, args, kwargs: masks.append(kwargs["attention_mask"]), with_kwargs=True
-    )
+
+    def recorded(*args):
+        masks.append(mask := biased_mask(*args))
+        return mask
+
+    monkeypatch.setattr(size_bias, "biased_mask", recorded)
     case = (chat(QUESTIONS[0]), [red_image], 6)
     _reference(vl, *case)
     generated, masks[:] = list(masks), []
     _run_staggered(vl, [case], Engine(vl[0], vl[1], context_length=256, max_batch_size=8))
-    assert len(masks) >= 2 and generated[0].dim() == 4 and generated[0].max() > 0  # log sizes > 0
+    assert len(masks) >= 4 and generated[0].max() > 0  # two layers a call; log sizes > 0
     for ours, reference in zip(masks, generated, strict=False):
         torch.testing.assert_close(ours, reference)
 

@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 from transformers import DynamicCache
-from transformers.cache_utils import get_layer_types_and_kwargs
 
+from .. import llm_calls
 from ..errors import ConfigError, DataError
 from ..families import Family, family_of
+from ..llm_calls import cache_in, layer_kinds
 from .base import Reducer
 
 if TYPE_CHECKING:
@@ -108,11 +109,11 @@ class Pack:
 def packed_kwargs(pack: Pack, kwargs: dict[str, Any], mask: torch.Tensor | None) -> dict[str, Any]:
     """A decoder layer's keyword arguments for the packed tokens: positions and RoPE tables gathered
     (original positions, spec pmod.md §3.6), the model-level mask replaced by the layer's own."""
-    kwargs = {**kwargs, "attention_mask": mask}
-    if kwargs.get("position_ids") is not None:
-        kwargs["position_ids"] = pack.gather(kwargs["position_ids"])
-    if kwargs.get("position_embeddings") is not None:
-        kwargs["position_embeddings"] = tuple(pack.gather(t) for t in kwargs["position_embeddings"])
+    kwargs = {**kwargs, llm_calls.MASK: mask}
+    if kwargs.get(llm_calls.POSITION_IDS) is not None:
+        kwargs[llm_calls.POSITION_IDS] = pack.gather(kwargs[llm_calls.POSITION_IDS])
+    if kwargs.get(llm_calls.ROPE) is not None:
+        kwargs[llm_calls.ROPE] = tuple(pack.gather(t) for t in kwargs[llm_calls.ROPE])
     kwargs.pop("cache_position", None)  # only static caches read it, and those are refused
     return kwargs
 
@@ -162,12 +163,6 @@ def _all(batch: int, length: int, device) -> torch.Tensor:
     return torch.ones(batch, length, dtype=torch.bool, device=device)
 
 
-def layer_kinds(config) -> list[str]:
-    """Attention kind of every decoder layer ('full_attention', 'sliding_attention', ...), as the
-    transformers cache derives it."""
-    return list(get_layer_types_and_kwargs(config)[0])
-
-
 # -- the layer wrapper ------------------------------------------------------------------------------
 class ReducedForward:
     """The instance `forward` of a reduced decoder layer: hands every call to its reducer.
@@ -179,9 +174,8 @@ class ReducedForward:
     """
 
     def __init__(self, reducer: LLMReducer, index: int, layer: nn.Module) -> None:
-        forward = type(layer).forward
         self.reducer, self.index, self.module = reducer, index, layer
-        self.inner = functools.partial(getattr(forward, "__wrapped__", forward), layer)
+        self.inner = llm_calls.plain_forward(layer)
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if args:
@@ -189,10 +183,10 @@ class ReducedForward:
                 f"decoder layer {self.index} got positional arguments after hidden_states; vlbridge's "
                 "in-LLM reducers expect transformers' keyword calling convention"
             )
-        layer = self.module
-        if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
-            kwargs = {**kwargs, "use_cache": False, "past_key_values": None}
-            return layer._gradient_checkpointing_func(
+        checkpoint = llm_calls.checkpointing(self.module)
+        if checkpoint is not None:
+            kwargs = llm_calls.without_cache(kwargs)
+            return checkpoint(
                 functools.partial(self.reducer.layer_forward, self.index, self.inner, kwargs=kwargs),
                 hidden_states,
             )
@@ -214,7 +208,7 @@ class LLMReducer(Reducer):
         object.__setattr__(self, "_vl", model)
         object.__setattr__(self, "_llm_config", config)
         object.__setattr__(self, "_layers", list(llm.get_submodule(self.family.layers)))
-        implementation = config._attn_implementation
+        implementation = llm_calls.attention_implementation(config)
         if implementation not in SUPPORTED_ATTENTION:
             raise ConfigError(
                 f"reducer {self.config.type!r} builds its own per-layer attention masks for "
@@ -258,9 +252,9 @@ class LLMReducer(Reducer):
         embeds = kwargs.get("inputs_embeds")
         ids = kwargs.get("input_ids", args[0] if args else None)
         tokens = embeds if embeds is not None else ids
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs)
         check_cache(cache, self.config.type)
-        mask = kwargs.get("attention_mask")
+        mask = kwargs.get(llm_calls.MASK)
         if mask is not None and (not torch.is_tensor(mask) or mask.dim() != 2):
             raise ConfigError(
                 f"reducer {self.config.type!r} needs the LLM's 2-D padding mask [B, T]; it got "
@@ -324,7 +318,7 @@ class LLMReducer(Reducer):
     ) -> Any:
         """A call the reducer leaves alone (decode steps, text-only prompts): the plain layer, with this
         layer's own mask when its cache is shorter than layer 0's."""
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs)
         past = self.slots(layer, cache)
         if past is None:
             return original(hidden_states, **kwargs)
@@ -332,10 +326,10 @@ class LLMReducer(Reducer):
         slots = past.extend(step.valid, step.length)
         self.remember(layer, slots, cache)
         mask = self.mask_for(slots, step.length, hidden_states)
-        return original(hidden_states, **{**kwargs, "attention_mask": mask})
+        return original(hidden_states, **{**kwargs, llm_calls.MASK: mask})
 
     def mask_for(self, slots: Slots, n_query: int, like: torch.Tensor) -> torch.Tensor | None:
-        implementation = self._llm_config._attn_implementation
+        implementation = llm_calls.attention_implementation(self._llm_config)
         return attention_mask(slots.valid, n_query, slots.length, implementation, like.dtype, like.device)
 
 

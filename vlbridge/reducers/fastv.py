@@ -18,8 +18,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from .. import llm_calls
 from ..config import ReducerConfig
 from ..errors import ConfigError, DataError
+from ..llm_calls import cache_in
 from ..registry import REDUCERS
 from .decoder import LayerForward, LLMReducer, Pack, Slots, packed_kwargs
 from .pmod import select_top
@@ -142,7 +144,7 @@ class FastV(LLMReducer):
         self._scores = None
         if prompt is not None and hidden is not None and hidden.shape[:2] == prompt.visual.shape:
             valid = self.step.valid
-            self._scores = last_query_attention(attn, hidden, kwargs["position_embeddings"], valid)
+            self._scores = last_query_attention(attn, hidden, kwargs[llm_calls.ROPE], valid)
 
     def layer_forward(
         self, layer: int, original: LayerForward, hidden_states: torch.Tensor, *, kwargs: dict[str, Any]
@@ -154,7 +156,7 @@ class FastV(LLMReducer):
         call = self._call
         if call is None:
             return original(hidden_states, **kwargs)
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs)
         self._check(layer, call, cache)
         if call.pack is not None and layer == self.config.k:
             hidden_states = call.pack.gather(hidden_states)  # [B, S', D]
@@ -168,7 +170,7 @@ class FastV(LLMReducer):
 
     def _begin(self, x: torch.Tensor, kwargs: dict[str, Any]) -> GroupCall | None:
         """At layer K: prune a prompt, or prepare the mask of a decode step over the shorter caches."""
-        step, prior = self.step, self.slots(self.config.k, kwargs.get("past_key_values"))
+        step, prior = self.step, self.slots(self.config.k, cache_in(kwargs))
         before = prior.length if prior is not None else step.past
         scores, prompt = self._scores, step.prompt
         if prompt is not None and scores is not None and prompt.visual.shape == x.shape[:2]:

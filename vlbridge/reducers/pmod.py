@@ -21,8 +21,9 @@ from torch import nn
 
 from ..config import ReducerConfig
 from ..errors import ConfigError
+from ..llm_calls import cache_in, layer_kinds
 from ..registry import REDUCERS
-from .decoder import LayerForward, LLMReducer, Pack, Slots, layer_kinds, packed_kwargs
+from .decoder import LayerForward, LLMReducer, Pack, Slots, packed_kwargs
 from .schedules import DECAYS, LAYOUTS, Ratios, decay_ratios, layout_ratios
 
 Schedule = Literal[
@@ -201,7 +202,7 @@ class PMod(LLMReducer):
         counts = [text + kept for text, kept in zip(prompt.n_other, k, strict=True)]
         base = x * weight[..., None]  # skipped vision: ω·x; padding and text: x (overwritten if kept)
         self._record(layer, k, counts, keep)
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs)
         prior = self.slots(layer, cache)
         if prior is None:
             prior = self.dense_slots(layer) if self.step.past else Slots(0, None)

@@ -4,50 +4,72 @@ ToMe's proportional attention (+ log s on a token's key logits) makes a token of
 copies of one inside the tower. A tower reducer with `llm_proportional` carries the same bias into the
 LLM, so the attention mass an image gets, and how it splits between background and objects, stays what
 the model saw on the full image (without it, merging shrinks the background's share and the model's
-counts drift). transformers has no per-key bias argument, so the LLM gets an additive 4-D mask: causal,
-padding and log s on the visual keys, which sdpa and eager attention take as is.
+counts drift).
 
-`install` puts a pre-hook on the decoder stack that builds that mask for every call while
-`VLModel.key_bias_for` holds a bias (inside `VLModel.forward` / `generate`); decode steps see the prompt's
-keys with their bias and new tokens with 0. The serving engine, which calls the LLM itself, builds the
-same mask with `biased_mask`.
+transformers has no per-key bias argument, but it has a public registry of attention functions, and it
+hands every keyword argument of a model call down to them. `install` switches the LLM to `ATTENTION`:
+SDPA on the mask transformers built, plus the call's `key_bias` keyword [B, ≤K] (log s on the visual
+keys, 0 on text) on the first keys. Keys past the bias (decode steps' new tokens) get 0; a call
+without `key_bias` is plain SDPA. Whoever calls the LLM passes the bias (`VLModel.forward` and
+`generate`, the serving engine).
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
+from .. import llm_calls
 from ..errors import ConfigError
-from ..families import family_of
-from .decoder import SUPPORTED_ATTENTION, LLMReducer, attention_mask, layer_kinds
+from ..llm_calls import layer_kinds
+from .decoder import SUPPORTED_ATTENTION, LLMReducer
 
 if TYPE_CHECKING:
     from ..modeling import VLModel
 
+ATTENTION = "vlbridge_key_bias"  # the attention function's name in transformers' registry
 
-def biased_mask(mask: torch.Tensor, bias: torch.Tensor, n_query: int, dtype: torch.dtype) -> torch.Tensor:
-    """The additive mask [B, 1, q, K] of `n_query` new tokens over K keys: causal, blind to the padding of
-    `mask` [B, K] (1 = real), plus `bias` [B or a divisor of B, ≤ K] on the first keys (0 after them)."""
-    batch, n_key = mask.shape
+
+def biased_mask(mask: torch.Tensor | None, bias: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
+    """The additive mask [B, 1, q, K] for `query` [B, H, q, d] over `key` [B, H_kv, K, d]: transformers'
+    `mask` (bool, True = attend; None = causal) plus `bias` [B or a divisor of B, ≤ K] on the first keys."""
+    batch, n_query, n_key = query.shape[0], query.shape[2], key.shape[2]
     if bias.shape[0] != batch:  # beam search / several samples per prompt repeat each prompt in place
         bias = bias.repeat_interleave(batch // bias.shape[0], dim=0)
-    bias = F.pad(bias, (0, n_key - bias.shape[1])).to(device=mask.device, dtype=dtype)
-    additive = attention_mask(mask.bool(), n_query, n_key, "eager", dtype, mask.device)
-    return additive + bias[:, None, None, :]
+    bias = F.pad(bias, (0, n_key - bias.shape[1])).to(device=query.device, dtype=query.dtype)
+    if mask is None:  # causal, the new queries last
+        at = torch.arange(n_query, device=query.device)[:, None] + (n_key - n_query)
+        mask = torch.arange(n_key, device=query.device)[None, :] <= at
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~mask, torch.finfo(query.dtype).min
+        )
+    return mask + bias[:, None, None, :]
+
+
+def key_bias_attention(module, query, key, value, attention_mask, key_bias=None, **kwargs) -> Any:
+    """The registered attention function: SDPA, with `key_bias` added to the keys' logits when given."""
+    if key_bias is not None:
+        attention_mask = biased_mask(attention_mask, key_bias, query, key)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTENTION, key_bias_attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
 def install(model: VLModel, reducer: str) -> None:
-    """Check that the LLM can take the bias, then hook its decoder stack."""
+    """Check that the LLM can take the bias, then switch its attention to `ATTENTION`."""
     llm = model.language_model
     config = llm.config.get_text_config()
-    implementation = config._attn_implementation
+    implementation = llm_calls.attention_implementation(config)
     problem = None
-    if implementation not in SUPPORTED_ATTENTION:
+    if implementation not in (*SUPPORTED_ATTENTION, ATTENTION):
         problem = (
             f"the LLM uses {implementation!r} attention, which takes no additive bias; set "
             "model.llm.attn_implementation to sdpa (or eager)"
@@ -58,36 +80,4 @@ def install(model: VLModel, reducer: str) -> None:
         problem = "an in-LLM reducer (pmod, fastv) builds its own per-layer masks"
     if problem is not None:
         raise ConfigError(f"{reducer}.llm_proportional=true cannot be used: {problem}; or set it to false")
-    stack_path = family_of(config.model_type).layers.rpartition(".")[0]
-    stack = llm.get_submodule(stack_path) if stack_path else llm
-    stack.register_forward_pre_hook(_Hook(model), with_kwargs=True)
-
-
-class _Hook:
-    """Decoder-stack pre-hook: swap the 2-D padding mask for the biased 4-D mask while a bias is set.
-
-    It keeps no state between calls, so a serving engine that calls the LLM itself may batch freely.
-    """
-
-    batch_free = True
-
-    def __init__(self, model: VLModel) -> None:
-        self.model = weakref.ref(model)
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
-        model = self.model()
-        bias = None if model is None else model.key_bias_for
-        if bias is None:
-            return None
-        embeds = kwargs.get("inputs_embeds")
-        tokens = embeds if embeds is not None else kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
-        batch, length = tokens.shape[:2]
-        n_key = length + (cache.get_seq_length() if cache is not None else 0)
-        mask = kwargs.get("attention_mask")
-        if mask is None:
-            mask = torch.ones(batch, n_key, dtype=torch.long, device=tokens.device)
-        elif mask.dim() != 2:
-            return None  # the caller built its own mask
-        dtype = getattr(module, "dtype", torch.float32)
-        return args, {**kwargs, "attention_mask": biased_mask(mask, bias, length, dtype)}
+    llm.set_attn_implementation(ATTENTION)
