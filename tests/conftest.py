@@ -1,4 +1,5 @@
-"""Test-wide setup: fully offline Hugging Face libraries, a throwaway HF cache, one torch thread.
+"""Test-wide setup: fully offline Hugging Face libraries, a throwaway HF cache, one torch thread, and the
+transformers contract (tests marked `contract`) first: when it breaks, the run stops there.
 
 The environment variables are set at import time, before any test module imports transformers or
 datasets, because those libraries read them once on import. Tests use tiny models, for which intra-op
@@ -21,6 +22,21 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("VLBRIDGE_TEST_THREADS", "1")))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.get_closest_marker("contract") is None)  # stable: contract first
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    report = yield
+    if report.failed and item.get_closest_marker("contract") is not None:
+        item.session.shouldstop = (
+            "the installed transformers broke vlbridge's contract with it (tests/test_llm_calls.py, above); "
+            "the feature tests would fail for that one reason, so none was run"
+        )
+    return report
 
 
 def solid_image(color: tuple[int, int, int], size: tuple[int, int] = (32, 32)) -> Image.Image:

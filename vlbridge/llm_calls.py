@@ -3,7 +3,7 @@
 In-layer plug-ins (p-MoD, FastV) see the keyword arguments transformers passes to a decoder stack and
 its decoder layers, and the serving engine and benchmarks call the LLM with a KV cache themselves.
 Those names move between releases (5.24 renamed `past_key_values` to `cache`), so every read and
-write of them goes through here, and `tests/contract/` checks each one against the installed
+write of them goes through here, and tests/test_llm_calls.py checks each one against the installed
 transformers, naming the call that changed, before any feature test runs.
 """
 
@@ -80,7 +80,7 @@ def every_call(model: nn.Module, **kwargs: Any) -> Iterator[None]:
         return
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     handle = base.register_forward_pre_hook(
-        lambda _, args, given: (args, {**given, **kwargs}), with_kwargs=True
+        lambda _, args, given: (args, {**given, **kwargs}), with_kwargs=True, prepend=True
     )
     try:
         yield
