@@ -1,10 +1,13 @@
-"""Every package in the tree is declared in pyproject, so the wheel contains it (CI imports them)."""
+"""Every package in the tree is declared in pyproject, so the wheel contains it (CI imports them), and every
+dependency has a tested range that the lock satisfies."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import tomllib
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 MAPPED = {"vlbridge": "vlbridge", "vlbridge.eval": "eval", "vlbridge.serve": "serve"}
@@ -25,3 +28,28 @@ def test_torch_is_pinned_everywhere():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert "torch==2.13.0" in project["dependencies"]
     assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text().split()
+
+
+def _requirements() -> list[Requirement]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    listed = [*project["dependencies"], *(r for rs in project["optional-dependencies"].values() for r in rs)]
+    return [Requirement(r) for r in listed]
+
+
+def test_every_dependency_has_a_tested_range_that_the_lock_satisfies():
+    """Lower bound (the lowest CI leg), upper bound (below the release after the newest tested one), and the
+    lock's exact version inside it, for every direct dependency."""
+    lock = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            lock[canonicalize_name(name)] = version
+    for requirement in _requirements():
+        operators = {spec.operator for spec in requirement.specifier}
+        assert operators in ({"=="}, {">=", "<"}), f"{requirement}: give a range >=low,<high (or ==)"
+        name = canonicalize_name(requirement.name)
+        if name == "flash-attn":  # cannot build without CUDA: never installed here, so never locked
+            continue
+        assert name in lock, f"{requirement.name} is not in constraints.txt: run scripts/lock.sh"
+        locked = lock[name]
+        assert locked in requirement.specifier, f"constraints.txt's {name}=={locked} is not in {requirement}"
