@@ -19,18 +19,19 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlbridge.errors import VLBridgeError
 
+from .admission import SmallFirst
 from .config import ServerConfig
 from .engine import Engine, Event
 from .errors import APIError, bad_request, error_body
 from .generation import Generation
 from .prompts import Prompt, PromptBuilder
 from .protocol import ChatCompletionRequest, ModelCard, ModelList, completion_id, now
+from .request_body import Limits, invalid, parse_body
 from .sampling import SamplingParams
 
 STATIC = Path(__file__).parent / "static"
@@ -48,6 +49,8 @@ def create_app(engine: Engine, builder: PromptBuilder, config: ServerConfig, mod
     app = FastAPI(title="vlbridge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     _install_error_handlers(app)
     auth = Depends(_authenticator(config.api_key))
+    limits = Limits(max_image_bytes=config.media.max_bytes, max_text_bytes=builder.max_text_bytes)
+    admission = SmallFirst()
     created = now()
 
     @app.get("/", include_in_schema=False)
@@ -76,7 +79,16 @@ def create_app(engine: Engine, builder: PromptBuilder, config: ServerConfig, mod
 
     @app.post("/v1/chat/completions", dependencies=[auth])
     async def chat_completions(request: Request):
-        body = await _parse(request, config.max_request_bytes)
+        if admission.is_large(request.headers.get("content-length", "")):
+            async with admission.large():
+                raw = await _read(request, config.max_request_bytes, admission.yield_to_small)
+                body = parse_body(raw, limits)
+            return await _answer(body)
+        with admission.small():
+            body = parse_body(await _read(request, config.max_request_bytes), limits)
+            return await _answer(body)
+
+    async def _answer(body: ChatCompletionRequest):
         if body.model is not None and body.model != model_name:
             raise APIError(
                 404,
@@ -99,7 +111,7 @@ def create_app(engine: Engine, builder: PromptBuilder, config: ServerConfig, mod
 
 
 # -- requests ---------------------------------------------------------------------------------------------
-async def _parse(request: Request, limit: int) -> ChatCompletionRequest:
+async def _read(request: Request, limit: int, between_chunks=None) -> bytearray:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
@@ -108,41 +120,13 @@ async def _parse(request: Request, limit: int) -> ChatCompletionRequest:
         raw += chunk
         if len(raw) > limit:
             raise _too_large(limit)
-    if not raw.strip():
-        raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise bad_request(f"the request body is not valid JSON: {err}", code="invalid_json") from err
-    if not isinstance(data, dict):
-        raise bad_request(f"the request body must be a JSON object, not {type(data).__name__}")
-    try:
-        return ChatCompletionRequest.model_validate(data)
-    except ValidationError as err:
-        raise _invalid(err.errors()) from err
+        if between_chunks is not None:
+            await between_chunks()
+    return raw
 
 
 def _too_large(limit: int) -> APIError:
     return APIError(413, f"the request body is over this server's limit of {limit:,} bytes")
-
-
-def _invalid(errors: list[dict[str, Any]]) -> APIError:
-    """One 400 naming each invalid field, what it must be, and (briefly) the value seen."""
-    lines, first = [], None
-    for err in errors:
-        where = ".".join(str(p) for p in err["loc"] if not _is_type_tag(p)) or "body"
-        first = first or where
-        seen = repr(err.get("input"))
-        seen = seen if len(seen) <= 60 else seen[:57] + "..."
-        line = f"{where}: {err['msg']}" + ("" if err["type"] == "missing" else f" (got {seen})")
-        if line not in lines:
-            lines.append(line)
-    return bad_request("invalid request: " + "; ".join(lines[:5]), first)
-
-
-def _is_type_tag(part: Any) -> bool:
-    """Pydantic names union members in error locations ('str', 'list[...]'); users never wrote those."""
-    return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool", "list"})
 
 
 def _authenticator(api_key: str | None):
@@ -307,7 +291,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
-        api = _invalid(list(err.errors()))
+        api = invalid(list(err.errors()))
         return JSONResponse(api.body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)

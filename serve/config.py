@@ -43,7 +43,7 @@ class ServerConfig(Strict):
     max_batch_size: int = Field(default=32, ge=1)
     batch_window_ms: float = Field(default=2.0, ge=0)  # wait this long after an idle arrival for company
     max_queue: int = Field(default=1024, ge=1)  # waiting requests beyond this get 503
-    max_model_len: int | None = Field(default=None, ge=8)  # default: the checkpoint's max_length
+    max_model_len: int | None = Field(default=None, ge=8)  # default: the LLM's max_position_embeddings
     default_max_tokens: int = Field(default=256, ge=1)
     max_n: int = Field(default=8, ge=1)
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)

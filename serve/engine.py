@@ -155,7 +155,6 @@ class Engine:
         self.stop_ids = set(gen["eos_token_id"])
         self.pad_id = gen["pad_token_id"]
         self.banned = list(model.frontend.special_token_ids)
-        self.decode_lock = threading.Lock()
         self.stats = EngineStats()
         self._waiting: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
@@ -197,8 +196,7 @@ class Engine:
 
     # -- helpers rows use --------------------------------------------------------------------------
     def decode(self, tokens: list[int]) -> str:
-        with self.decode_lock:
-            return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def logprob_entry(self, logits: torch.Tensor, token: int, top: int) -> dict[str, Any]:
         logprob, best = token_logprobs(logits, token, top)

@@ -172,13 +172,21 @@ async def run_level(url: str, clients: int, duration: float, max_tokens: int, ba
 class ServerProcess:
     """`vlbridge serve` in a child process on a free port; reports its peak resident memory."""
 
-    def __init__(self, checkpoint: str, max_batch_size: int, threads: int | None) -> None:
+    def __init__(self, checkpoint: str, flags: list[str], threads: int | None = None) -> None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "vlbridge.cli", "serve", checkpoint, "--port", str(self.port)]
-        command += ["--max-batch-size", str(max_batch_size), "--model-name", "bench"]
+        command = [
+            sys.executable,
+            "-m",
+            "vlbridge.cli",
+            "serve",
+            checkpoint,
+            "--port",
+            str(self.port),
+            *flags,
+        ]
         env = dict(os.environ)
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
@@ -214,7 +222,8 @@ class ServerProcess:
 
 
 def serve_levels(args, checkpoint: str, max_batch: int, levels: list[int], batch: str) -> dict:
-    server = ServerProcess(checkpoint, max_batch, args.threads)
+    flags = ["--max-batch-size", str(max_batch), "--model-name", "bench"]
+    server = ServerProcess(checkpoint, flags, args.threads)
     try:
         server.wait_ready()
         asyncio.run(run_level(server.url, 1, 0, args.max_tokens, batch))  # warm-up: one request

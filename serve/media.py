@@ -10,7 +10,6 @@ checked from the image header before anything is decoded (decompression bombs).
 
 from __future__ import annotations
 
-import base64
 import binascii
 import io
 import ipaddress
@@ -59,6 +58,18 @@ def domain_allowed(host: str, allowed: list[str]) -> bool:
     """True when no allow-list is set, or `host` is a listed domain or a subdomain of one."""
     host = host.lower().rstrip(".")
     return not allowed or any(host == d or host.endswith("." + d) for d in allowed)
+
+
+def decode_base64(text: str) -> bytes:
+    """Strict base64 (whitespace allowed between lines), decoded 1 MiB at a time: between chunks other
+    threads get the GIL, so a 20 MiB image does not hold up the event loop and the engine for 40 ms."""
+    if any(c in text for c in " \t\r\n"):
+        text = "".join(text.split())
+    if len(text) % 4:
+        raise binascii.Error(f"{len(text)} base64 characters, not a multiple of 4 (missing padding?)")
+    step = 4 * 256 * 1024
+    chunks = (text[i : i + step] for i in range(0, len(text), step))
+    return b"".join(binascii.a2b_base64(chunk, strict_mode=True) for chunk in chunks)
 
 
 def decode_image(data: bytes, max_pixels: int, param: str) -> Image.Image:
@@ -137,11 +148,12 @@ class ImageLoader:
                 param,
                 "invalid_image_url",
             )
-        payload = "".join(payload.split())
-        if len(payload) * 3 // 4 > self.config.max_bytes:
-            raise self._too_big(param)
+        if len(payload) * 3 // 4 > self.config.max_bytes:  # whitespace counts here: strip it, then decide
+            payload = "".join(payload.split())
+            if len(payload) * 3 // 4 > self.config.max_bytes:
+                raise self._too_big(param)
         try:
-            data = base64.b64decode(payload, validate=True)
+            data = decode_base64(payload)
         except (binascii.Error, ValueError) as err:
             raise bad_request(
                 f"{param}: the data URL is not valid base64 ({err})", param, "invalid_base64"

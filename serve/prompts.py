@@ -17,6 +17,9 @@ from .errors import bad_request
 from .media import ImageLoader
 from .protocol import ChatMessage, ImagePart
 
+# A tokenizer's normalizer may merge characters before splitting (NFC composes up to 3 code points into
+# one): the character bound divides by this much more than the widest token.
+NORMALIZATION_SLACK = 4
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -34,7 +37,10 @@ class Prompt:
 
 
 class PromptBuilder:
-    """Builds prompts for one model; thread-safe (requests are prepared in a thread pool)."""
+    """Builds prompts for one model; thread-safe (requests are prepared in a thread pool).
+
+    `processor` must own its tokenizer (no other thread may use it): builds take turns on it.
+    """
 
     def __init__(
         self,
@@ -44,24 +50,30 @@ class PromptBuilder:
         image_position: str,
         context_length: int,
         max_images: int,
-        tokenizer_lock: threading.Lock | None = None,
     ) -> None:
         self.processor = processor
         self.loader = loader
         self.image_position = image_position
         self.context_length = context_length
         self.max_images = max_images
-        # Shared with the engine's decoding: a Rust tokenizer must not be reconfigured while in use.
-        self.tokenizer_lock = tokenizer_lock or threading.Lock()
+        self._tokenizer_lock = threading.Lock()
         self._reserved = [processor.image_token, *processor.frontend.special_tokens()]
         self._image_ids = set(processor.image_ids())
+        # Characters one token can cover, at most, times NORMALIZATION_SLACK: `len(text) // _chars_per_token`
+        # tokens is a lower bound on any text's count, known before tokenizing.
+        widest = max(map(len, processor.tokenizer.get_vocab()))
+        self._chars_per_token = widest * NORMALIZATION_SLACK
+        # The most JSON a request's text can take and still fit: 12 bytes a character (an escaped surrogate
+        # pair), plus room for the request's structure. Larger bodies are refused before parsing.
+        self.max_text_bytes = context_length * self._chars_per_token * 12 + 64 * 1024
 
     def build(self, messages: list[ChatMessage]) -> Prompt:
         urls = self._image_urls(messages)
+        self._check_text_fits(messages)
         images = [self.loader.load(url, param) for url, param in urls]
         conversation = [self._turn(i, m) for i, m in enumerate(messages)]
         try:
-            with self.tokenizer_lock:
+            with self._tokenizer_lock:
                 encoded = self.processor.encode(conversation, images, add_generation_prompt=True)
         except VLBridgeError as err:
             raise bad_request(f"messages: {err}", "messages") from err
@@ -76,6 +88,19 @@ class PromptBuilder:
                 "context_length_exceeded",
             )
         return prompt
+
+    def _check_text_fits(self, messages: list[ChatMessage]) -> None:
+        """Refuse, before any image is loaded or anything tokenized, a conversation whose text alone must
+        exceed the context: tokenizing megabytes takes seconds; counting characters does not."""
+        chars = sum(len(text) for message in messages for text in _texts(message))
+        tokens = chars // self._chars_per_token
+        if tokens >= self.context_length:
+            raise bad_request(
+                f"the messages hold {chars:,} characters of text, at least {tokens:,} tokens, but this "
+                f"model's context length is {self.context_length} tokens; shorten the conversation",
+                "messages",
+                "context_length_exceeded",
+            )
 
     def _image_urls(self, messages: list[ChatMessage]) -> list[tuple[str, str]]:
         """(url, param path) of every image part, after the role and count checks (nothing loaded yet)."""
@@ -101,12 +126,9 @@ class PromptBuilder:
 
     def _turn(self, index: int, message: ChatMessage) -> dict:
         """{"role", "content"} with `<image>` markers placed as the model was trained."""
-        if isinstance(message.content, str):
-            texts, n_images = [message.content], 0
-        else:
-            texts = [p.text for p in message.content if not isinstance(p, ImagePart)]
-            n_images = sum(isinstance(p, ImagePart) for p in message.content)
-        text = "\n".join(texts)
+        text = "\n".join(_texts(message))
+        parts = [] if isinstance(message.content, str) else message.content
+        n_images = sum(isinstance(p, ImagePart) for p in parts)
         reserved = [t for t in self._reserved if t in text]
         if reserved:
             raise bad_request(
@@ -118,3 +140,9 @@ class PromptBuilder:
             marks = "\n".join(self.processor.image_token for _ in range(n_images))
             text = f"{marks}\n{text}" if self.image_position == "before" else f"{text}\n{marks}"
         return {"role": _ROLES[message.role], "content": text}
+
+
+def _texts(message: ChatMessage) -> list[str]:
+    if isinstance(message.content, str):
+        return [message.content]
+    return [p.text for p in message.content if not isinstance(p, ImagePart)]

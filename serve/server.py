@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -28,16 +29,15 @@ def pick_device(requested: str) -> str:
 
 
 def context_length(model, requested: int | None) -> int:
-    """Tokens a prompt plus its completion may span: --max-model-len, else the checkpoint's max_length,
-    never more than the LLM's position limit."""
+    """Tokens a prompt plus its completion may span: --max-model-len, else (as vLLM does) the LLM's position
+    limit; a checkpoint whose LLM states none falls back to its training max_length."""
     limit = getattr(text_config_of(model.language_model), "max_position_embeddings", None)
     if requested is not None and limit is not None and requested > limit:
         raise ConfigError(
             f"--max-model-len {requested} is over the LLM's max_position_embeddings ({limit}); "
             "use at most that"
         )
-    length = requested or model.config.max_length
-    return min(length, limit) if limit is not None else length
+    return requested or limit or model.config.max_length
 
 
 def build_app(config: ServerConfig) -> FastAPI:
@@ -47,8 +47,10 @@ def build_app(config: ServerConfig) -> FastAPI:
         reducers=config.reducers or None,
     )
     length = context_length(model, config.max_model_len)
+    # Prompts are tokenized in request threads with a tokenizer of their own: the engine's thread decodes
+    # with `tokenizer` meanwhile, and a Rust tokenizer must not be reconfigured while another thread uses it.
     processor = VLProcessor(
-        tokenizer, model.frontend, image_token=model.config.image_token, max_length=length
+        copy.deepcopy(tokenizer), model.frontend, image_token=model.config.image_token, max_length=length
     )
     engine = Engine(
         model,
@@ -65,7 +67,6 @@ def build_app(config: ServerConfig) -> FastAPI:
         image_position=model.config.image_position,
         context_length=length,
         max_images=config.media.max_images,
-        tokenizer_lock=engine.decode_lock,
     )
     name = config.model_name or Path(config.checkpoint).resolve().name
     return create_app(engine, builder, config, name)

@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-images", type=int, default=8, help="images per request")
     serve.add_argument("--max-batch-size", type=int, default=32, help="rows decoded together (1: none)")
     serve.add_argument("--batching", default="auto", choices=["auto", "continuous", "static"])
-    serve.add_argument("--max-model-len", type=int, help="context length (default: the checkpoint's)")
+    serve.add_argument("--max-model-len", type=int, help="context length (default: the LLM's position limit)")
     serve.set_defaults(func=_serve)
 
     export = sub.add_parser("export", help="copy a checkpoint, optionally with LoRA merged into the weights")

@@ -112,16 +112,23 @@ BAD_BODIES = [
     ),
     (
         "prompt over the context length",
-        {"messages": [{"role": "user", "content": "count " * 400}]},
+        {"messages": [{"role": "user", "content": "count " * 1000}]},
         400,
-        ["context length is 256"],
+        ["context length is 512"],  # the LLM's max_position_embeddings: the default context
         "messages",
+    ),
+    (
+        "text that cannot fit, refused before parsing",
+        {"messages": [{"role": "user", "content": "count " * 100_000}]},
+        413,
+        ["600,0", "bytes besides its inline images", "shorten the conversation"],
+        None,
     ),
     (
         "max_tokens past the context length",
         {**GOOD, "max_tokens": 1000},
         400,
-        ["max_tokens=1000", "context length of 256"],
+        ["max_tokens=1000", "context length of 512"],
         "max_tokens",
     ),
     ("temperature above 2", {**GOOD, "temperature": 2.5}, 400, ["temperature", "2"], "temperature"),

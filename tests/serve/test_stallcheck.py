@@ -1,0 +1,29 @@
+"""No stall under abuse: oversized requests are refused fast and small chats beside them stay fast.
+
+A real `vlbridge serve` process (no flags) on the tiny checkpoint; the abusive requests come from another
+process, as `python -m vlbridge.serve.stallcheck` sends them.
+"""
+
+from __future__ import annotations
+
+import pytest
+from vlbridge.serve.loadtest import ServerProcess
+from vlbridge.serve.stallcheck import ABUSES, check
+
+pytestmark = pytest.mark.slow
+
+
+def test_oversized_requests_are_refused_within_a_second_and_small_chats_stay_within_2x(checkpoint):
+    server = ServerProcess(str(checkpoint), [])
+    try:
+        server.wait_ready()
+        report = check(server.url, seconds=1.5)
+    finally:
+        server.stop()
+    for name, (senders, _) in ABUSES.items():
+        result = report[name]
+        assert result["statuses"] == [413], (name, result)  # refused from byte counts, before any parsing
+        # One at a time, each is refused within a second. Of 64 sent at once (640 MiB to receive, small
+        # chats served first), the last in line waits for those ahead: half are refused within a second.
+        assert result["slowest_s" if senders == 1 else "median_s"] < 1.0, (name, result)
+        assert result["small_ratio"] <= 2.0, (name, result, report["idle_small_s"])
