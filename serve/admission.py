@@ -17,7 +17,7 @@ LARGE_BODY = 1024 * 1024  # bytes; a chat with no image is far below, one with a
 
 
 class SmallFirst:
-    def __init__(self, max_wait_s: float = 0.05) -> None:
+    def __init__(self, max_wait_s: float = 0.005) -> None:
         self.max_wait_s = max_wait_s
         self._small = 0
         self._quiet = asyncio.Event()

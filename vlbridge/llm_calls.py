@@ -47,15 +47,24 @@ def without_cache(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return {**kwargs, "use_cache": False, **{name: None for name in CACHE_NAMES if name in kwargs}}
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The causal LM itself, beneath a PEFT wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def cache_name(model: nn.Module) -> str:
     """The keyword under which `model`'s forward (a causal LM, PEFT-wrapped or not) takes the cache."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    parameters = inspect.signature(type(base).forward).parameters
-    for name in CACHE_NAMES:
+    return _cache_parameter(type(_unwrapped(model)), CACHE_NAMES)
+
+
+@functools.cache
+def _cache_parameter(model_class: type, names: tuple[str, ...]) -> str:
+    parameters = inspect.signature(model_class.forward).parameters
+    for name in names:
         if name in parameters:
             return name
     raise ContractError(
-        f"{type(base).__name__}.forward takes the KV cache under none of {CACHE_NAMES}; its parameters are "
+        f"{model_class.__name__}.forward takes the KV cache under none of {names}; its parameters are "
         f"{list(parameters)}: add the new name to vlbridge/llm_calls.py CACHE_NAMES"
     )
 
@@ -78,8 +87,7 @@ def every_call(model: nn.Module, **kwargs: Any) -> Iterator[None]:
     if not kwargs:
         yield
         return
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    handle = base.register_forward_pre_hook(
+    handle = _unwrapped(model).register_forward_pre_hook(
         lambda _, args, given: (args, {**given, **kwargs}), with_kwargs=True, prepend=True
     )
     try:
