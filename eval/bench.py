@@ -209,16 +209,14 @@ class Bench:
 
         @torch.no_grad()
         def embed():
-            return model.embed(batch["input_ids"], batch["pixel_values"])
+            return model.llm_inputs(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
 
         embed_s = median_seconds(embed, device, cfg.repeats, cfg.warmup)
-        embeds = embed()  # also sets the visual mask the in-LLM reducers read
+        inputs = embed()
 
         @torch.no_grad()
         def llm():
-            return model.language_model(
-                inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=True, **logits
-            )
+            return model.language_model(**inputs.kwargs(), use_cache=True, **logits)
 
         return {"embed_s": embed_s, "llm_prefill_s": median_seconds(llm, device, cfg.repeats, cfg.warmup)}
 

@@ -4,8 +4,9 @@ Continuous batching: between two decode steps, newly arrived requests are prefil
 their KV cache rows join the running batch (kvcache.KVBatch); finished or abandoned rows leave it.
 Each row keeps its own sampling parameters, random generator, stop strings and token budget, and its
 text is handed to the request as soon as it is safe to show, so streaming works while batching.
-Models with in-layer hooks (deep-fusion front-ends such as adem_vl keep per-batch visual memory that
-cannot be re-sliced) run in static batches: a batch admits no one until all its rows are done.
+Models whose batches keep per-row state (`VLModel.keeps_batch_state`: a deep-fusion front-end's visual
+memory, in-LLM reducers' per-layer caches) run in static batches: a batch admits no one until all its
+rows are done.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ class Engine:
         self.device = model.device
         self.context_length = context_length
         self.max_batch_size = max_batch_size
-        self.static = batching == "static" or (batching == "auto" and has_layer_hooks(self.lm))
+        self.static = batching == "static" or (batching == "auto" and model.keeps_batch_state)
         self.batch_window_s = batch_window_s
         self.max_queue = max_queue
         gen = generation_kwargs(tokenizer)
@@ -281,19 +282,13 @@ class Engine:
         pixels = batch["pixel_values"]
         if isinstance(pixels, torch.Tensor):
             pixels = pixels.to(self.device)
-        embeds = self.model.embed(ids, pixels)  # [B, T, D]
-        positions = self.model.position_ids(ids, mask)
-        if positions is None:
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        bias = self.model.key_bias(ids)
+        inputs = self.model.llm_inputs(ids, mask, pixels)
+        if inputs.position_ids is None:  # left padding: each row counts its own real tokens
+            inputs.position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        out = self.lm(
-            **with_cache(self.lm, cache, inputs_embeds=embeds, attention_mask=mask, position_ids=positions),
-            **key_bias_kwargs(bias),
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out.logits[:, -1], KVBatch(cache, mask, positions[:, -1] - (mask.sum(-1) - 1), bias)
+        out = self.lm(**with_cache(self.lm, cache, **inputs.kwargs()), use_cache=True, logits_to_keep=1)
+        shift = inputs.position_ids[:, -1] - (mask.sum(-1) - 1)
+        return out.logits[:, -1], KVBatch(cache, mask, shift, inputs.key_bias)
 
     def _step(self) -> None:
         """One decode step for every running row."""
@@ -344,8 +339,3 @@ class Engine:
         for request in dict.fromkeys(requests):
             self.stats.failed += 1
             request.sink(Event(error=err))
-
-
-def has_layer_hooks(module: torch.nn.Module) -> bool:
-    """True when any submodule carries forward hooks (in-layer plug-ins that may hold per-batch state)."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())

@@ -84,9 +84,11 @@ def test_image_embeddings_are_spliced(vl, red_image, blue_image):
     image_pos = (ids[0] == model.frontend.image_token_id).nonzero().flatten()
     start, end = int(image_pos[0]), int(image_pos[-1]) + 1
 
-    embeds = model.embed(ids, red["pixel_values"])
+    inputs = model.llm_inputs(ids, red["attention_mask"], red["pixel_values"])
     features = model.frontend.encode(red["pixel_values"])[0]
-    torch.testing.assert_close(embeds[0, start:end], features, atol=0, rtol=0)
+    torch.testing.assert_close(inputs.inputs_embeds[0, start:end], features, atol=0, rtol=0)
+    torch.testing.assert_close(inputs.image_hidden_states[0], features, atol=0, rtol=0)
+    torch.testing.assert_close(model(**red).image_hidden_states[0], features, atol=0, rtol=0)
 
     red_logits, blue_logits = model(**red).logits, model(**blue).logits
     torch.testing.assert_close(red_logits[:, :start], blue_logits[:, :start], atol=1e-5, rtol=0)

@@ -25,9 +25,11 @@ CACHE_NAMES = ("cache", "past_key_values")
 MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 ROPE = "position_embeddings"  # (cos, sin), computed once per call by the decoder stack
-# vlbridge's own keyword of an LLM call: transformers hands a call's extra keywords down to the attention
-# function, where the size bias (reducers/size_bias.py) adds it to the keys' logits.
+# vlbridge's own keywords of an LLM call (`modeling.LLMInputs`): transformers hands a call's extra keywords
+# down to every decoder layer and attention function. The size bias (reducers/size_bias.py) adds KEY_BIAS
+# to the keys' logits; in-LLM reducers (p-MoD, FastV) read which tokens are visual from VISUAL_MASK.
 KEY_BIAS = "key_bias"
+VISUAL_MASK = "visual_mask"
 
 
 class ContractError(RuntimeError):

@@ -7,7 +7,8 @@ Reducers attach after the front-end and patch the tower or decoder layers in pla
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -19,7 +20,7 @@ from .config import VLConfig
 from .errors import ConfigError
 from .families import choose_attention, choose_dtype
 from .frontends.base import Frontend
-from .llm_calls import every_call, key_bias_kwargs
+from .llm_calls import KEY_BIAS, VISUAL_MASK, every_call
 from .lora import merge
 from .reducers.base import Meter, Reducer
 from .registry import FRONTENDS, REDUCERS
@@ -47,6 +48,42 @@ def build_llm(config: VLConfig, tokenizer, device: str = "cpu", dtype: torch.dty
     return llm
 
 
+@dataclass
+class VLModelOutput(CausalLMOutputWithPast):
+    """The LLM's output plus what the front-end made of the images, as transformers' VLMs return it."""
+
+    image_hidden_states: torch.FloatTensor | None = None  # [N_img, V, D]
+
+
+@dataclass
+class LLMInputs:
+    """Everything one LLM call over a prompt needs, made in one place (`VLModel.llm_inputs`): `forward`,
+    `generate` and the serving engine all call the LLM with these."""
+
+    inputs_embeds: torch.Tensor  # [B, T, D], images spliced in
+    attention_mask: torch.Tensor  # [B, T], 1 = real token
+    position_ids: torch.Tensor | None  # [B, T]; None: the LLM counts positions itself
+    image_hidden_states: torch.Tensor | None  # the front-end's output per image [N_img, V, D]
+    visual_mask: torch.Tensor | None  # [B, T] bool, where in-LLM reducers read which tokens are visual
+    key_bias: torch.Tensor | None  # [B, T] log size of merged visual tokens, for the size bias
+
+    def plugin_kwargs(self) -> dict[str, torch.Tensor]:
+        """vlbridge's own keywords of the LLM call, which transformers hands down to the decoder layers and
+        the attention function, where the plug-ins inside the LLM read them."""
+        given = {VISUAL_MASK: self.visual_mask, KEY_BIAS: self.key_bias}
+        return {name: value for name, value in given.items() if value is not None}
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of the LLM call."""
+        positions = {} if self.position_ids is None else {"position_ids": self.position_ids}
+        return {
+            "inputs_embeds": self.inputs_embeds,
+            "attention_mask": self.attention_mask,
+            **positions,
+            **self.plugin_kwargs(),
+        }
+
+
 class VLModel(nn.Module):
     """language_model (any AutoModelForCausalLM, possibly PEFT-wrapped) + frontend."""
 
@@ -63,14 +100,6 @@ class VLModel(nn.Module):
         self.frontend = frontend
         self.reducers = nn.ModuleList(reducers or [])
         self.meter: Meter | None = None  # set a Meter to record what the reducers do
-        # RoPE positions one image spans when a tower reducer keeps the dense layout (None: its token count),
-        # and where in it each of the last encoded images' tokens sits ([N_img, V']; None: spread evenly)
-        self.image_span: int | None = None
-        self.image_offsets: Callable[[], torch.Tensor | None] = lambda: None
-        # patches each of the last encoded images' tokens stands for, [N_img, V'], when the LLM weighs
-        # merged tokens by it (reducers/size_bias.py)
-        self.image_sizes: Callable[[], torch.Tensor | None] = lambda: None
-        self._visual_mask: torch.Tensor | None = None
         frontend.attach(language_model)
         for reducer in self.reducers:
             reducer.attach(self)
@@ -107,6 +136,12 @@ class VLModel(nn.Module):
         from .checkpoint import save_model
 
         save_model(self, path, tokenizer)
+
+    @property
+    def keeps_batch_state(self) -> bool:
+        """True when a batch's rows are tied together until it is done: a deep-fusion front-end's per-row
+        memory, or in-LLM reducers' per-layer caches of different lengths."""
+        return self.frontend.batch_state or any(not reducer.aligned_cache for reducer in self.reducers)
 
     @property
     def device(self) -> torch.device:
@@ -146,45 +181,46 @@ class VLModel(nn.Module):
             self.set_group(name, merge(module))
         return self
 
-    def embed(self, input_ids: torch.Tensor, pixel_values=None) -> torch.Tensor:
-        """Token embeddings with image features spliced in: [B, T, D]."""
-        inputs_embeds = self.language_model.get_input_embeddings()(input_ids)
-        self._visual_mask = self.frontend.visual_mask(input_ids) if len(self.reducers) else None
-        return self.frontend.embed(input_ids, inputs_embeds, pixel_values)
+    def llm_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, pixel_values=None
+    ) -> LLMInputs:
+        """The one path from a tokenized prompt (and its images) to what the LLM is called with."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        token_embeds = self.language_model.get_input_embeddings()(input_ids)
+        inputs_embeds, images = self.frontend.embed(input_ids, token_embeds, pixel_values)
+        visual = self.frontend.visual_mask(input_ids)
+        routed = any(reducer.reads_visual_mask for reducer in self.reducers) and bool(visual.any())
+        return LLMInputs(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=self._image_positions(input_ids, attention_mask, visual),
+            image_hidden_states=images,
+            visual_mask=visual if routed else None,
+            key_bias=self._key_bias(input_ids, visual),
+        )
 
-    def visual_mask_for(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        """Which positions of the sequence an LLM layer is running on are visual tokens [B, T] (bool).
+    def _from_reducers(self, method: str) -> Any:
+        """The first contribution of the reducers' `method` (None: none contributes)."""
+        return next((v for r in self.reducers if (v := getattr(r, method)()) is not None), None)
 
-        None when the layer sees something other than the prompt `embed` last prepared: decode steps
-        (new text tokens only) and text-only batches. Beam search and `num_return_sequences` repeat each
-        prompt consecutively, so the prompt's mask is repeat-interleaved to the LLM's batch.
-        """
-        mask = self._visual_mask
-        if mask is None or hidden_states.shape[1] != mask.shape[1] or not mask.any():
-            return None
-        batch = hidden_states.shape[0]
-        if batch != mask.shape[0]:
-            mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)
-        return mask
-
-    def position_ids(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    def _image_positions(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: torch.Tensor
     ) -> torch.Tensor | None:
         """The prompt's RoPE positions [B, T] when images keep a span other than their token count, else
         None (the LLM counts positions itself).
 
-        Each image keeps `image_span` positions, so the text after a reduced image sits where it would after
-        the full one: a model that learned where the question is still finds it. Its tokens sit at the
-        reducer's `image_offsets` (each merged token at its representative patch's position), or spread
-        evenly over the span.
+        Each image keeps the reducers' `image_span` positions, so the text after a reduced image sits where
+        it would after the full one: a model that learned where the question is still finds it. Its tokens
+        sit at the reducers' `image_positions` (each merged token at its representative patch's position),
+        or spread evenly over the span.
         """
-        span = self.image_span
+        span = self._from_reducers("image_span")
         if span is None:
             return None
         tokens = self.frontend.num_image_tokens(None)
-        visual = self.frontend.visual_mask(input_ids)
         images = int(visual.sum()) // tokens
-        offsets = self.image_offsets() if images else None
+        offsets = self._from_reducers("image_positions") if images else None
         if offsets is None:
             if span == tokens:
                 return None
@@ -192,7 +228,7 @@ class VLModel(nn.Module):
         if offsets.shape != (images, tokens):
             raise RuntimeError(
                 f"the reducer's image positions {tuple(offsets.shape)} are not those of the prompt's "
-                f"{images} images of {tokens} tokens; call embed() on the same batch first"
+                f"{images} images of {tokens} tokens"
             )
         offsets = offsets.to(input_ids.device)
         following = torch.cat([offsets[:, 1:], offsets.new_full((images, 1), span)], dim=1)
@@ -200,23 +236,21 @@ class VLModel(nn.Module):
         first[:, 0] = True
         widths = torch.ones_like(input_ids)  # positions each token advances the next one by
         widths[visual] = (following - offsets.masked_fill(first, 0)).flatten()
-        if attention_mask is not None:
-            widths = widths * attention_mask.to(widths.dtype)
+        widths = widths * attention_mask.to(widths.dtype)
         lead = torch.zeros_like(input_ids)  # an image's first token may sit after its span's start
         lead[visual] = offsets.masked_fill(~first, 0).flatten()
         return widths.cumsum(-1) - widths + lead
 
-    def key_bias(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """log of the patches each visual token of the last embedded prompt stands for, at its position
-        [B, T] (0 on text); None when no reducer weighs tokens by size or the prompt has no image."""
-        visual = self.frontend.visual_mask(input_ids)
-        sizes = self.image_sizes() if visual.any() else None
+    def _key_bias(self, input_ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor | None:
+        """log of the patches each visual token stands for, at its position [B, T] (0 on text); None when
+        no reducer weighs tokens by size or the prompt has no image."""
+        sizes = self._from_reducers("image_sizes") if visual.any() else None
         if sizes is None:
             return None
         if sizes.numel() != int(visual.sum()):
             raise RuntimeError(
                 f"the reducer's token sizes {tuple(sizes.shape)} are not those of the prompt's "
-                f"{int(visual.sum())} visual tokens; call embed() on the same batch first"
+                f"{int(visual.sum())} visual tokens"
             )
         bias = torch.zeros(input_ids.shape, device=input_ids.device)
         bias[visual] = sizes.to(bias.device, torch.float32).log().flatten()
@@ -229,16 +263,10 @@ class VLModel(nn.Module):
         pixel_values=None,
         labels: torch.Tensor | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
-        inputs_embeds = self.embed(input_ids, pixel_values)
-        kwargs.setdefault("position_ids", self.position_ids(input_ids, attention_mask))
-        return self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            labels=labels,
-            **key_bias_kwargs(self.key_bias(input_ids)),
-            **kwargs,
-        )
+    ) -> VLModelOutput:
+        inputs = self.llm_inputs(input_ids, attention_mask, pixel_values)
+        out = self.language_model(**{**inputs.kwargs(), **kwargs}, labels=labels)
+        return VLModelOutput(**out, image_hidden_states=inputs.image_hidden_states)
 
     @torch.no_grad()
     def generate(
@@ -246,15 +274,11 @@ class VLModel(nn.Module):
     ) -> torch.Tensor:
         """New tokens only, [B, T_new]. Prompts must be left-padded (VLProcessor does that).
 
-        The front-end's special tokens (image placeholders, markers) are never generated.
+        The front-end's special tokens (image placeholders, markers) are never generated. `generate` takes
+        no model keywords it does not know, so the plug-ins' keywords join each of its forward calls.
         """
-        inputs_embeds = self.embed(input_ids, pixel_values)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        inputs = self.llm_inputs(input_ids, attention_mask, pixel_values)
         kwargs.setdefault("suppress_tokens", self.frontend.special_token_ids)
-        # generate continues given positions by one per new token
-        kwargs.setdefault("position_ids", self.position_ids(input_ids, attention_mask))
-        with every_call(self.language_model, **key_bias_kwargs(self.key_bias(input_ids))):
-            return self.language_model.generate(
-                inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
-            )
+        call = {k: v for k, v in inputs.kwargs().items() if k not in inputs.plugin_kwargs()}
+        with every_call(self.language_model, **inputs.plugin_kwargs()):
+            return self.language_model.generate(**{**call, **kwargs})

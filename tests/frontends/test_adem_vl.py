@@ -227,7 +227,8 @@ def test_text_only_sample_gets_zero_fusion_at_init(red_image):
     text = {k: batch[k][1:] for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
         reference = plain(
-            inputs_embeds=model.embed(text["input_ids"]), **{"attention_mask": text["attention_mask"]}
+            inputs_embeds=model.llm_inputs(text["input_ids"]).inputs_embeds,
+            attention_mask=text["attention_mask"],
         )
     assert torch.equal(out.logits[1:], reference.logits)  # exactly the plain LLM
 
@@ -268,7 +269,8 @@ def test_one_input_embedding_per_image_whatever_n_v(red_image):
         ids = tokenizer(before + "Image: ", add_special_tokens=False).input_ids
         ids += [model.frontend.image_token_id] + tokenizer(after, add_special_tokens=False).input_ids
         assert sample.input_ids == ids
-        embeds = model.embed(torch.tensor([sample.input_ids]), model.frontend.collate(sample.pixel_values))
+        pixels = model.frontend.collate(sample.pixel_values)
+        embeds = model.llm_inputs(torch.tensor([sample.input_ids]), pixel_values=pixels).inputs_embeds
         assert embeds.shape[1] == len(ids)
         sequences.append(sample.input_ids)
     assert sequences[0] == sequences[1] == sequences[2]

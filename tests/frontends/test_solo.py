@@ -205,7 +205,7 @@ def test_patch_embeddings_are_added_to_the_vpatch_rows(vl):
     )
     ids = batch["input_ids"]
     table = model.language_model.get_input_embeddings().weight
-    embeds = model.embed(ids, batch["pixel_values"])
+    embeds = model.llm_inputs(ids, pixel_values=batch["pixel_values"]).inputs_embeds
     slots = ids == model.frontend.image_token_id
     assert int(slots.sum()) == 16 + 30 == len(batch["pixel_values"])
     assert torch.equal(embeds[~slots], table[ids[~slots]])  # text, markers, separators, padding untouched

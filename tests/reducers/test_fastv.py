@@ -129,7 +129,7 @@ def _reference_logits(plain, ids, pixels, keep: torch.Tensor) -> torch.Tensor:
     """Plain layers over the whole sequence; from layer K on, no query sees a dropped prompt token."""
     llm = plain.language_model
     with torch.no_grad():
-        hidden = plain.embed(ids, pixels)
+        hidden = plain.llm_inputs(ids, pixel_values=pixels).inputs_embeds
         total = hidden.shape[1]
         positions = torch.arange(total)[None]
         rope = llm.model.rotary_emb(hidden, positions)

@@ -32,8 +32,7 @@ def image_sizes(model) -> torch.Tensor:
 def test_key_bias_is_the_log_size_of_each_visual_token_and_the_sizes_cover_the_image(red_image):
     model, *_ = vl = build()
     batch = train_batch(vl, red_image)
-    model.embed(batch["input_ids"], batch["pixel_values"])
-    bias = model.key_bias(batch["input_ids"])
+    bias = model.llm_inputs(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).key_bias
     visual = model.frontend.visual_mask(batch["input_ids"])
     assert int(visual.sum()) == 64 - 8  # r = 8 in the one block before the feature layer
     sizes = bias[visual].exp()
@@ -61,8 +60,10 @@ def test_without_merges_the_option_changes_nothing(red_image):
     weighted, *_ = vl = build(r=0)
     plain = tiny_model("llama", frontend=FRONTEND)[0]
     batch = train_batch(vl, red_image)
-    weighted.embed(batch["input_ids"], batch["pixel_values"])
-    assert weighted.key_bias(batch["input_ids"]) is None
+    assert (
+        weighted.llm_inputs(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).key_bias
+        is None
+    )
     assert torch.equal(weighted(**batch).logits, plain(**batch).logits)
 
 
@@ -70,7 +71,7 @@ def test_text_only_prompts_get_no_bias(red_image):
     model, _, processor = vl = build()
     model(**train_batch(vl, red_image))  # an image batch first: its sizes must not leak
     text = processor([chat("hi", image_in=None)], [[]])
-    assert model.key_bias(text["input_ids"]) is None
+    assert model.llm_inputs(text["input_ids"], text["attention_mask"], text["pixel_values"]).key_bias is None
 
 
 @pytest.mark.parametrize("positions", ["contiguous", "original"])

@@ -450,12 +450,17 @@ def test_reducer_switched_on_for_a_plain_checkpoint(red_image, tmp_path):
 def test_dense_positions_put_the_text_after_a_reduced_image_where_it_was(red_image, blue_image):
     plain, _, processor = build()
     reduced, _, reduced_processor = build(reducers=[turbo(positions="dense")])
-    assert reduced.frontend.num_image_tokens() == 64 - 16 and reduced.image_span == 64
+    assert reduced.frontend.num_image_tokens() == 64 - 16 and reduced.reducers[0].image_span() == 64
     conversations = [chat("What color is it?"), chat("Is the yellow circle left or right of the big one?")]
     dense = processor(conversations, [[red_image], [blue_image]])  # row 0 is left-padded
     short = reduced_processor(conversations, [[red_image], [blue_image]])
-    assert plain.position_ids(dense["input_ids"], dense["attention_mask"]) is None  # nothing reduced
-    positions = reduced.position_ids(short["input_ids"], short["attention_mask"])
+    assert (
+        plain.llm_inputs(dense["input_ids"], dense["attention_mask"], dense["pixel_values"]).position_ids
+        is None
+    )  # nothing reduced
+    positions = reduced.llm_inputs(
+        short["input_ids"], short["attention_mask"], short["pixel_values"]
+    ).position_ids
     expected = (dense["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # what the LLM counts unreduced
     visual = reduced.frontend.visual_mask(short["input_ids"])
     for row in range(2):
@@ -474,7 +479,9 @@ def test_dense_positions_change_the_answer_logits_only_through_rope(red_image):
     dense = build(reducers=[turbo(positions="dense")])[0]
     batch = train_batch(contiguous, red_image)
     assert not torch.allclose(contiguous[0](**batch).logits, dense(**batch).logits)
-    positions = dense.position_ids(batch["input_ids"], batch["attention_mask"])
+    positions = dense.llm_inputs(
+        batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+    ).position_ids
     torch.testing.assert_close(contiguous[0](**batch, position_ids=positions).logits, dense(**batch).logits)
 
 
@@ -490,8 +497,9 @@ def test_original_positions_put_each_token_at_its_representative_patch(red_image
     reduced, _, processor = build(reducers=[turbo(positions="original", order="raster")])
     conversations = [chat("What color is it?"), chat("Is the yellow circle left or right of the big one?")]
     batch = processor(conversations, [[red_image], [blue_image]])  # row 0 is left-padded
-    reduced.embed(batch["input_ids"], batch["pixel_values"])
-    positions = reduced.position_ids(batch["input_ids"], batch["attention_mask"])
+    positions = reduced.llm_inputs(
+        batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+    ).position_ids
     visual = reduced.frontend.visual_mask(batch["input_ids"])
     patches = merger_of(reduced).output_positions()[:, 1:] - 1  # the tower's indices, CLS dropped
     assert patches.shape == (2, 64 - 16)
@@ -508,7 +516,10 @@ def test_original_positions_put_each_token_at_its_representative_patch(red_image
 def test_original_positions_without_merges_leave_the_llm_counting(red_image):
     vl = build(reducers=[turbo(r=0, positions="original")])
     batch = train_batch(vl, red_image)
-    assert vl[0].position_ids(batch["input_ids"], batch["attention_mask"]) is None
+    assert (
+        vl[0].llm_inputs(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).position_ids
+        is None
+    )
     assert torch.equal(vl[0](**batch).logits, build()[0](**batch).logits)
 
 

@@ -117,7 +117,7 @@ def test_a_reduced_image_kept_on_its_dense_span_decodes_at_the_positions_generat
     frontend = {"type": "llava", "connector": {"merge": 1}, "vision": {"config": {"patch_size": 4}}}
     turbo = {"type": "turbo", "r": 8, "min_tokens": 0, "positions": "dense"}
     vl = tiny_model("llama", "clip_vision_model", frontend=frontend, reducers=[turbo])
-    assert vl[0].frontend.num_image_tokens() < vl[0].image_span
+    assert vl[0].frontend.num_image_tokens() < vl[0].reducers[0].image_span()
     calls: list[list[int]] = []
     vl[0].language_model.register_forward_pre_hook(
         lambda _, args, kwargs: calls.append(kwargs["position_ids"][0, -1:].tolist()), with_kwargs=True

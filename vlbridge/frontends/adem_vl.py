@@ -109,6 +109,8 @@ class AdemVLFrontend(Frontend):
     """Vision tower (+ optional adapters) -> multiscale visual memory read inside every decoder layer."""
 
     config: AdemVLConfig
+    fusion_kind = "deep"
+    batch_state = True  # the visual memory [B, N_v, D] its decoder hooks read
 
     def __init__(self, config: AdemVLConfig, text_config: PretrainedConfig, *, load_weights: bool = True):
         super().__init__(config, text_config)
@@ -205,16 +207,20 @@ class AdemVLFrontend(Frontend):
         cls, _, _ = self._tower_features(pixel_values)
         return self.fusion.psi_cls(cls)[:, None]
 
-    def embed(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, pixel_values) -> torch.Tensor:
-        """Splice ψ_cls(CLS) at each placeholder and set the visual memory the decoder hooks read.
+    def embed(
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, pixel_values
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Splice ψ_cls(CLS) at each placeholder and set the visual memory the decoder hooks read; the image
+        embeddings returned are that memory's prompts, β·ψ(P_ms) [N_img, N_v, D].
 
         V = β·ind·ψ(P_ms) per row of `input_ids` (spec §2.4): rows without a placeholder get V = 0. The
         memory stays set until the next call, for generation's decode steps and checkpoint recomputation.
         """
         batch = input_ids.shape[0]
         visual = inputs_embeds.new_zeros(batch, self.num_visual, self.text_hidden_size)  # [B, N_v, D]
+        projected = None
         if pixel_values is None or len(pixel_values) == 0:
-            inputs_embeds = super().embed(input_ids, inputs_embeds, None)  # refuses stray placeholders
+            inputs_embeds, _ = super().embed(input_ids, inputs_embeds, None)  # refuses stray placeholders
         else:
             cls, patches, grid = self._tower_features(pixel_values)
             inputs_embeds = self.scatter(input_ids, inputs_embeds, self.fusion.psi_cls(cls)[:, None])
@@ -222,7 +228,7 @@ class AdemVLFrontend(Frontend):
             projected = self.config.beta * self.fusion.psi(prompts)  # [N_img, N_v, D]
             visual = visual.index_put((self._image_rows(input_ids),), projected.to(visual.dtype))
         self._memory = self.fusion.memory(visual)
-        return inputs_embeds
+        return inputs_embeds, projected
 
     def _image_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The batch row of each image, in pixel order (images follow their samples' order)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import nn
@@ -19,12 +20,16 @@ class Frontend(nn.Module, ABC):
     """Turns images into something the LLM consumes.
 
     Early-fusion front-ends splice embeddings into `inputs_embeds` at placeholder tokens; the
-    default `embed` does that with one `masked_scatter` after a strict count check. Late-fusion
-    front-ends also hook into the LLM in `attach`; `embed` runs before every LLM call (training
+    default `embed` does that with one `masked_scatter` after a strict count check. Deep-fusion
+    front-ends also hook into the LLM's layers in `attach`; `embed` runs before every LLM call (training
     forward, generation prefill), so it is where they set the visual memory those hooks read.
     """
 
     image_token: str = "<image>"
+    fusion_kind: Literal["early", "deep"] = "early"  # deep: images also enter inside the LLM's layers
+    # True when `embed` leaves state for the LLM's layers that holds one row per sample of the batch it
+    # embedded: such a batch cannot gain or lose rows mid-generation (the server runs it statically).
+    batch_state: bool = False
 
     def __init__(self, config: FrontendConfig, text_config: PretrainedConfig) -> None:
         super().__init__()
@@ -56,7 +61,7 @@ class Frontend(nn.Module, ABC):
         self.special_token_ids = tokenizer.convert_tokens_to_ids(self.special_tokens())
 
     def attach(self, language_model: nn.Module) -> None:
-        """Install hooks inside the LLM (late fusion); early-fusion front-ends need none."""
+        """Install hooks inside the LLM (deep fusion); early-fusion front-ends need none."""
 
     def placeholder(self, pixels: torch.Tensor) -> str:
         """The text that stands for one processed image after `<image>` expansion."""
@@ -100,8 +105,11 @@ class Frontend(nn.Module, ABC):
         """This front-end's config with every pretrained reference replaced by what a checkpoint holds."""
         return self.config
 
-    def embed(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, pixel_values) -> torch.Tensor:
-        """Splice image embeddings into the placeholder positions of `inputs_embeds` [B, T, D]."""
+    def embed(
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, pixel_values
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(`inputs_embeds` [B, T, D] with image embeddings spliced into the placeholder positions, the
+        image embeddings [N_img, T_img, D] or None without images)."""
         mask = input_ids == self.image_token_id  # [B, T]
         n_slots = int(mask.sum())
         if pixel_values is None or len(pixel_values) == 0:
@@ -110,8 +118,9 @@ class Frontend(nn.Module, ABC):
                     f"the batch has {n_slots} image placeholder tokens but no images; pass the pixel_values "
                     "that VLProcessor returns with the input_ids, or remove the placeholders"
                 )
-            return inputs_embeds
-        return self.scatter(input_ids, inputs_embeds, self.encode(pixel_values))
+            return inputs_embeds, None
+        features = self.encode(pixel_values)
+        return self.scatter(input_ids, inputs_embeds, features), features
 
     def scatter(
         self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, features: torch.Tensor

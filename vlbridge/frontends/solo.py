@@ -142,8 +142,11 @@ class SoloFrontend(Frontend):
         """Patches [N, 3·P²] -> W_p·patch [N, D] (one row per `<vpatch>` slot, not per image)."""
         return self.patch_proj(pixel_values.to(self.patch_proj.weight.dtype))
 
-    def embed(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, pixel_values) -> torch.Tensor:
-        """e_t = E[id_t] + W_p·patch_π(t) at `<vpatch>` slots, E[id_t] elsewhere (§2.5).
+    def embed(
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, pixel_values
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """e_t = E[id_t] + W_p·patch_π(t) at `<vpatch>` slots, E[id_t] elsewhere (§2.5); the projected
+        patches [N, D] are the image embeddings.
 
         Text-only batches never touch `patch_proj` (§8: the reference fails on them).
         """
@@ -157,7 +160,7 @@ class SoloFrontend(Frontend):
                 "patch grid) and do not truncate inside an image"
             )
         if n_patches == 0:
-            return inputs_embeds
+            return inputs_embeds, None
         projected = self.encode(pixel_values).to(inputs_embeds.dtype)  # [N, D]
         added = torch.zeros_like(inputs_embeds).masked_scatter(slots.unsqueeze(-1), projected)  # [B, T, D]
-        return inputs_embeds + added
+        return inputs_embeds + added, projected

@@ -1,9 +1,10 @@
 """The reducer interface: plug-ins that change how many visual tokens a built VLModel pays for.
 
 Two kinds exist. *Tower* reducers (Turbo, ToMe) shorten the vision tower's token sequence, so the
-front-end must agree to it (`Frontend.reduce_tower`) and recount its placeholders. *LLM* reducers
-(p-MoD, FastV) act inside decoder layers; they read which positions of the current sequence are
-visual from `VLModel.visual_mask_for`, which `VLModel.embed` fills before every LLM call.
+front-end must agree to it (`Frontend.reduce_tower`) and recount its placeholders; they may tell
+`VLModel.llm_inputs` where a reduced image's tokens sit and what each stands for (`image_span`,
+`image_positions`, `image_sizes`). *LLM* reducers (p-MoD, FastV) act inside decoder layers; they read
+which positions of a prompt are visual from the LLM call's `visual_mask` keyword (`reads_visual_mask`).
 
 Reducers never add modules inside the LLM or the tower (state dicts stay loadable by transformers):
 they patch forwards in place and keep their own parameters (p-MoD routers) on themselves, saved in
@@ -17,6 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from ..config import ReducerConfig
@@ -31,6 +33,7 @@ class Reducer(nn.Module, ABC):
     # False when the LLM's layers stop sharing one KV-cache layout (p-MoD, FastV keep fewer entries in some
     # layers): code that splices or pads caches row-wise (serving engines) must then refuse the model.
     aligned_cache = True
+    reads_visual_mask = False  # True: the LLM call must carry the prompt's visual mask
 
     def __init__(self, config: ReducerConfig) -> None:
         super().__init__()
@@ -43,6 +46,20 @@ class Reducer(nn.Module, ABC):
     def group_paths(self) -> dict[str, str]:
         """Trainable parts (name -> attribute path relative to this reducer), e.g. p-MoD's routers."""
         return {}
+
+    # What a tower reducer tells `VLModel.llm_inputs` about the images the tower just encoded (None: nothing).
+    def image_span(self) -> int | None:
+        """RoPE positions one image keeps (its token count before reduction), when it keeps them."""
+        return None
+
+    def image_positions(self) -> torch.Tensor | None:
+        """Where in its span each of the last encoded images' tokens sits, [N_img, V'] (None: evenly)."""
+        return None
+
+    def image_sizes(self) -> torch.Tensor | None:
+        """Patches each of the last encoded images' tokens stands for, [N_img, V'], when the LLM weighs
+        merged tokens by it (reducers/size_bias.py)."""
+        return None
 
 
 @dataclass(frozen=True)

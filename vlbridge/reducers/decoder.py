@@ -198,6 +198,7 @@ class LLMReducer(Reducer):
     per-layer `Slots`, and the dense path for calls a subclass does not reduce."""
 
     aligned_cache = False  # reduced layers cache fewer entries than layer 0
+    reads_visual_mask = True
 
     def attach(self, model: VLModel) -> None:
         llm = model.language_model
@@ -266,7 +267,7 @@ class LLMReducer(Reducer):
         if mask is not None:
             mask = mask.bool()
             valid = mask[:, -length:]
-        visual = self._vl.visual_mask_for(embeds) if embeds is not None else None
+        visual = prompt_visual_mask(kwargs.get(llm_calls.VISUAL_MASK), tokens)
         prompt = None
         if visual is not None:
             real = valid if valid is not None else torch.ones_like(visual)
@@ -331,6 +332,21 @@ class LLMReducer(Reducer):
     def mask_for(self, slots: Slots, n_query: int, like: torch.Tensor) -> torch.Tensor | None:
         implementation = llm_calls.attention_implementation(self._llm_config)
         return attention_mask(slots.valid, n_query, slots.length, implementation, like.dtype, like.device)
+
+
+def prompt_visual_mask(mask: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor | None:
+    """Which positions of the sequence the LLM runs on are visual [B, T] (bool), from the call's mask.
+
+    None when the call is not the prompt the mask was made for: decode steps (new text tokens only), and
+    prompts without an image. Beam search and `num_return_sequences` repeat each prompt consecutively, so
+    the prompt's mask is repeat-interleaved to the LLM's batch.
+    """
+    if mask is None or tokens.shape[1] != mask.shape[1] or not mask.any():
+        return None
+    batch = tokens.shape[0]
+    if batch != mask.shape[0]:
+        mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)
+    return mask
 
 
 def check_cache(cache: Any, reducer: str) -> None:

@@ -121,23 +121,22 @@ class TokenMerging(Reducer):
     def attach(self, model: VLModel) -> None:
         owner = weakref.ref(model)
         self._meter = lambda: getattr(owner(), "meter", None)
-        dense = model.frontend.reduce_tower(self._patch, self.config.type)
-        if self.config.positions != "contiguous":
-            model.image_span = dense
-        if self.config.positions == "original":
-            model.image_offsets = self.image_offsets
+        self._dense = model.frontend.reduce_tower(self._patch, self.config.type)
         if self.config.llm_proportional:
             size_bias.install(model, self.config.type)
-            model.image_sizes = self.image_sizes
 
-    def image_offsets(self) -> torch.Tensor | None:
-        """Each visual token's patch index in the last encoded images, [N_img, V'] (None: nothing merged)."""
-        positions = self.merger.output_positions()
+    def image_span(self) -> int | None:
+        """The image keeps its full token count's positions unless `positions: contiguous`."""
+        return None if self.config.positions == "contiguous" else self._dense
+
+    def image_positions(self) -> torch.Tensor | None:
+        """With `positions: original`, each visual token's patch index in the last encoded images."""
+        positions = self.merger.output_positions() if self.config.positions == "original" else None
         return None if positions is None else positions[:, self._dropped :] - self._dropped
 
     def image_sizes(self) -> torch.Tensor | None:
-        """Patches each visual token of the last encoded images stands for, [N_img, V']."""
-        sizes = self.merger.output_sizes()
+        """With `llm_proportional`, the patches each visual token of the last encoded images stands for."""
+        sizes = self.merger.output_sizes() if self.config.llm_proportional else None
         return None if sizes is None else sizes[:, self._dropped :]
 
     # Turbo and ToMe differ only here.
