@@ -78,6 +78,7 @@ _BUILTIN_MODULES = (
     "vlbridge.reducers.pmod",  # in-LLM reducers
     "vlbridge.reducers.fastv",
     "vlbridge.reducers.turbo",
+    "vlbridge.reducers.tome",
     "vlbridge.data.formats",
 )
 _loaded = False

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 from PIL import Image
+
 from vlbridge.eval.loaders import load_examples
 from vlbridge.eval.tasks import load_task, render_prompt
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 from torch import nn
-from vlbridge.eval.bench import Bench, BenchConfig
 
 from vlbridge.cli import main
 from vlbridge.config import deep_merge
+from vlbridge.eval.bench import Bench, BenchConfig
 from vlbridge.recipe import load_yaml_config
 from vlbridge.reducers.pmod import PModConfig, host_budget
 from vlbridge.testing import TINY_FRONTEND_CONFIGS, TINY_LLM_CONFIGS, tiny_model, tiny_vl_config

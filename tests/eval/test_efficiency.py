@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 from transformers import LogitsProcessorList
-from vlbridge.eval.efficiency import TokenClock, peak_memory
 
+from vlbridge.eval.efficiency import TokenClock, peak_memory
 from vlbridge.testing import tiny_model
 from vlbridge.tokenization import generation_kwargs
 

@@ -10,12 +10,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from PIL import Image
+
+from vlbridge.cli import main
 from vlbridge.eval.backends import EndpointBackend, EndpointError, Request
 from vlbridge.eval.loaders import load_examples
 from vlbridge.eval.runner import run_task
 from vlbridge.eval.tasks import load_task
-
-from vlbridge.cli import main
 
 
 class Stub:

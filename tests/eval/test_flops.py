@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
+
 from vlbridge.eval.efficiency import cache_lengths, count_flops, count_flops_by_module
 from vlbridge.eval.flops import (
     DecoderShape,
@@ -16,7 +17,6 @@ from vlbridge.eval.flops import (
     vit_prefill_flops,
     vit_tokens,
 )
-
 from vlbridge.llm_calls import returned_cache
 from vlbridge.testing import TINY_LLM_CONFIGS, chat, tiny_model
 

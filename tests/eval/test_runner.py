@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from vlbridge.eval.backends import ModelBackend
-from vlbridge.eval.loaders import load_examples
-from vlbridge.eval.runner import run_eval, run_task, task_request
-from vlbridge.eval.tasks import load_task
 
 from vlbridge.cli import main
 from vlbridge.data import shapes
 from vlbridge.data.shapes_samples import ShapesSamples
+from vlbridge.eval.backends import ModelBackend
+from vlbridge.eval.loaders import load_examples
+from vlbridge.eval.runner import run_eval, run_task, task_request
+from vlbridge.eval.tasks import load_task
 from vlbridge.testing import tiny_model
 
 

@@ -10,10 +10,10 @@ import time
 
 import pytest
 import uvicorn
-from vlbridge.serve.config import ServerConfig
-from vlbridge.serve.server import build_app
 
 from vlbridge.cli import main
+from vlbridge.serve.config import ServerConfig
+from vlbridge.serve.server import build_app
 from vlbridge.testing import tiny_model
 
 

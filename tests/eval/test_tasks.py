@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+
+from vlbridge.errors import ConfigError, DataError
 from vlbridge.eval.example import Example
 from vlbridge.eval.loaders import load_examples
 from vlbridge.eval.tasks import (
@@ -14,8 +16,6 @@ from vlbridge.eval.tasks import (
     suite_names,
     task_names,
 )
-
-from vlbridge.errors import ConfigError, DataError
 
 STANDARD = {
     "vqav2",

@@ -15,7 +15,7 @@ from vlbridge.checkpoint import save_model
 from vlbridge.cli import main
 from vlbridge.reducers import Meter
 from vlbridge.reducers.merge import match, merge, merge_weighted, unmerge
-from vlbridge.reducers.turbo import TomeConfig
+from vlbridge.reducers.tome import TomeConfig
 from vlbridge.testing import tiny_model, train_batch
 
 CLIP, SIGLIP = "clip_vision_model", "siglip_vision_model"

@@ -19,13 +19,14 @@ from vlbridge.errors import ConfigError
 from vlbridge.recipe import LoRASettings, StageConfig
 from vlbridge.reducers import Meter, parse_reducer_spec
 from vlbridge.reducers.merge import budget, match, merge_positions, merge_weighted, token_trajectory
+from vlbridge.reducers.token_merging import per_block_r, spread_budget
 from vlbridge.reducers.tower_merge import (
     TowerMerger,
     cls_attention,
     mean_attention_received,
     size_biased_attention,
 )
-from vlbridge.reducers.turbo import TurboConfig, per_block_r, spread_budget
+from vlbridge.reducers.turbo import TurboConfig
 from vlbridge.testing import TINY_LLM_CONFIGS, chat, tiny_model, train_batch
 from vlbridge.training.stages import apply_stage
 

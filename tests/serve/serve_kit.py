@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 from PIL import Image
+
 from vlbridge.serve.config import MediaConfig, ServerConfig
 from vlbridge.serve.server import build_app
 

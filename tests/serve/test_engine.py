@@ -12,13 +12,13 @@ import httpx
 import pytest
 import torch
 from serve_kit import LiveServer, image_message, server_config
+
+from vlbridge.reducers import size_bias
+from vlbridge.reducers.size_bias import biased_mask
 from vlbridge.serve.engine import Engine, Overloaded
 from vlbridge.serve.generation import Generation
 from vlbridge.serve.prompts import Prompt
 from vlbridge.serve.sampling import SamplingParams
-
-from vlbridge.reducers import size_bias
-from vlbridge.reducers.size_bias import biased_mask
 from vlbridge.testing import chat, tiny_model
 from vlbridge.tokenization import generation_kwargs
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+
 from vlbridge.serve.kvcache import KVBatch
 
 

@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 from serve_kit import LiveServer, server_config
-from vlbridge.serve.loadtest import markdown, run_level
-from vlbridge.serve.roofline import decode_roofline, kv_bytes_per_token, weight_bytes_per_token
 
 from vlbridge.checkpoint import load_model
 from vlbridge.processing import VLProcessor
+from vlbridge.serve.loadtest import markdown, run_level
+from vlbridge.serve.roofline import decode_roofline, kv_bytes_per_token, weight_bytes_per_token
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from PIL import Image
 from serve_kit import LiveServer, data_url, image_message, png_bytes, server_config
+
 from vlbridge.serve.config import MediaConfig
 from vlbridge.serve.errors import APIError
 from vlbridge.serve.media import ImageLoader, domain_allowed, public_address_problem

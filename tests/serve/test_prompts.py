@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+
 from vlbridge.serve.config import MediaConfig
 from vlbridge.serve.errors import APIError
 from vlbridge.serve.media import ImageLoader
 from vlbridge.serve.prompts import NORMALIZATION_SLACK, PromptBuilder
 from vlbridge.serve.protocol import ChatMessage
-
 from vlbridge.testing import tiny_model
 
 

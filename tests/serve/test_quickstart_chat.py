@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from serve_kit import LiveServer, image_message
-from vlbridge.serve.config import ServerConfig
 
 from vlbridge.checkpoint import save_model
 from vlbridge.recipe import load_recipe
+from vlbridge.serve.config import ServerConfig
 from vlbridge.training.run import build
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"

@@ -7,6 +7,7 @@ import base64
 import json
 
 import pytest
+
 from vlbridge.serve.errors import APIError
 from vlbridge.serve.protocol import ChatCompletionRequest
 from vlbridge.serve.request_body import Limits, parse_body

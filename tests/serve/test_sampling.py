@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from vlbridge.serve.sampling import SamplingParams, pick_token, row_generator, top_p_filter
 
 

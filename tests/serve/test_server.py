@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from vlbridge.serve.server import context_length
 
 from vlbridge.errors import ConfigError
+from vlbridge.serve.server import context_length
 from vlbridge.testing import tiny_model
 
 

@@ -7,6 +7,7 @@ process, as `python -m vlbridge.serve.stallcheck` sends them.
 from __future__ import annotations
 
 import pytest
+
 from vlbridge.serve.loadtest import ServerProcess
 from vlbridge.serve.stallcheck import ABUSES, check
 

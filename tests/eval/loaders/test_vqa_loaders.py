@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import datasets
 import pytest
-from vlbridge.eval.tasks import render_prompt
 
 from vlbridge.errors import ConfigError, DataError
+from vlbridge.eval.tasks import render_prompt
 
 RED, BLUE = (200, 30, 30), (30, 30, 200)
 VQA_SUFFIX = "\nAnswer the question using a single word or phrase."

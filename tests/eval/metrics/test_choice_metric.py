@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from vlbridge.eval.example import Example
 from vlbridge.eval.metrics import build_metric
 from vlbridge.eval.metrics.choice import MultipleChoiceConfig, format_options, parse_choice

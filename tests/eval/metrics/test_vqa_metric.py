@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from vlbridge.eval.metrics.vqa import (
     normalize_vqa_answer,
     process_digit_article,
