@@ -58,7 +58,7 @@ class TokenMergeConfig(ReducerConfig):
     proportional: bool = True  # attention logits + log(size); False = the official LLaVA path (unused bias)
     order: Literal["merge", "raster"] = "merge"  # raster: output sorted by each token's original index
     # contiguous: the LLM numbers the V' tokens 0..V'-1 (official). The image keeps the V positions the full
-    # one took, so the text after it keeps its positions (VLModel.position_ids), with dense: its tokens
+    # one took, so the text after it keeps its positions (VLModel.llm_inputs), with dense: its tokens
     # spread evenly over them; original: each token at its representative patch's position (as p-MoD)
     positions: Literal["contiguous", "dense", "original"] = "contiguous"
     # the LLM's attention also weighs each visual token by the patches it stands for (size_bias.py);
