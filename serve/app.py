@@ -31,7 +31,7 @@ from .errors import APIError, bad_request, error_body
 from .generation import Generation
 from .prompts import Prompt, PromptBuilder
 from .protocol import ChatCompletionRequest, ModelCard, ModelList, completion_id, now
-from .request_body import Limits, invalid, parse_body
+from .request_body import Limits, check_prefix, invalid, parse_body
 from .sampling import SamplingParams
 
 STATIC = Path(__file__).parent / "static"
@@ -81,11 +81,11 @@ def create_app(engine: Engine, builder: PromptBuilder, config: ServerConfig, mod
     async def chat_completions(request: Request):
         if admission.is_large(request.headers.get("content-length", "")):
             async with admission.large():
-                raw = await _read(request, config.max_request_bytes, admission.yield_to_small)
+                raw = await _read(request, config.max_request_bytes, limits, admission.yield_to_small)
                 body = parse_body(raw, limits)
             return await _answer(body)
         with admission.small():
-            body = parse_body(await _read(request, config.max_request_bytes), limits)
+            body = parse_body(await _read(request, config.max_request_bytes, limits), limits)
             return await _answer(body)
 
     async def _answer(body: ChatCompletionRequest):
@@ -111,17 +111,27 @@ def create_app(engine: Engine, builder: PromptBuilder, config: ServerConfig, mod
 
 
 # -- requests ---------------------------------------------------------------------------------------------
-async def _read(request: Request, limit: int, between_chunks=None) -> bytearray:
+async def _read(request: Request, limit: int, limits: Limits, between_chunks=None) -> bytearray:
+    """The body, checked as it arrives. Once it proves too large, the rest is read and dropped (unchecked,
+    unstored, still after small requests) before the refusal goes out."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
-    raw = bytearray()
+    refusal = _too_large(limit) if declared.isdigit() and int(declared) > limit else None
+    raw, check_at = bytearray(), limits.max_text_bytes
     async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > limit:
-            raise _too_large(limit)
+        if refusal is None:
+            raw += chunk
+            try:
+                if len(raw) > limit:
+                    raise _too_large(limit)
+                if len(raw) > check_at:  # past what any text may take: is it images, or one to refuse?
+                    check_prefix(raw, limits)
+                    check_at = len(raw) + 1024 * 1024
+            except APIError as err:
+                refusal, raw = err, bytearray()
         if between_chunks is not None:
             await between_chunks()
+    if refusal is not None:
+        raise refusal
     return raw
 
 

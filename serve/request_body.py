@@ -30,14 +30,10 @@ class Limits:
 
 
 def parse_body(raw: bytes | bytearray, limits: Limits) -> ChatCompletionRequest:
-    rest, payloads = _lift(raw, limits.max_image_bytes)
+    spans = image_spans(raw, limits.max_image_bytes)
+    rest, payloads = _lift(raw, spans)
     if len(rest) > limits.max_text_bytes:
-        raise APIError(
-            413,
-            f"the request holds {len(rest):,} bytes besides its inline images, more than any prompt that "
-            f"fits this model's context ({limits.max_text_bytes:,} bytes); shorten the conversation",
-            code="context_length_exceeded",
-        )
+        raise _text_too_long(len(rest), limits)
     if not rest.strip():
         raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
     try:
@@ -54,29 +50,63 @@ def parse_body(raw: bytes | bytearray, limits: Limits) -> ChatCompletionRequest:
         raise invalid(err.errors()) from err
 
 
-def _lift(raw: bytes | bytearray, max_image_bytes: int) -> tuple[bytes | bytearray, list[bytes | bytearray]]:
-    """(the body with each data URL's payload replaced by a marker, the payloads). Searched with
-    `bytes.find` (memchr speed): a regex over megabytes of base64 would cost what the parse does."""
-    spans: list[tuple[int, int]] = []  # (where a payload starts, where its string's closing quote is)
+def check_prefix(prefix: bytes | bytearray, limits: Limits) -> None:
+    """Refuse a body still arriving as soon as what has arrived proves it too large: an image over the
+    limit, or more text than fits."""
+    spans = image_spans(prefix, limits.max_image_bytes, partial=True)
+    text = len(prefix) - sum(end - begin for begin, end in spans)
+    if text > limits.max_text_bytes:
+        raise _text_too_long(text, limits, arrived=True)
+
+
+def image_spans(
+    raw: bytes | bytearray, max_image_bytes: int, *, partial: bool = False
+) -> list[tuple[int, int]]:
+    """[begin, end) of each data URL's payload in a JSON body, refusing one over `max_image_bytes`.
+
+    Searched with `bytes.find` (memchr speed): a regex over megabytes of base64 would cost what the parse
+    does. With `partial` (a body still arriving), a data URL not closed yet runs to the end of `raw`.
+    """
+    spans: list[tuple[int, int]] = []
     at, tries = 0, 0
     while tries < _MAX_LIFTS and (start := raw.find(b'"data:', at)) != -1:
         tries += 1
         at = start + 1
-        comma, end = raw.find(b",", start, start + 256), raw.find(b'"', start + 1)
-        # Only a string that starts here (its quote is not escaped), whose header ends before it does,
-        # and which ends at an unescaped quote.
-        if raw[start - 1 : start] == b"\\" or not 0 < comma < end or raw[end - 1 : end] == b"\\":
+        if raw[start - 1 : start] == b"\\":  # an escaped quote: inside a string, not the start of one
             continue
-        size = (end - comma - 1) * 3 // 4  # from the base64 length, before any decoding
+        comma, end = raw.find(b",", start, start + 256), raw.find(b'"', start + 1)
+        if end == -1 and partial:  # still arriving: count it as image data
+            spans.append((comma + 1 if comma != -1 else start, len(raw)))
+            end = len(raw)
+        elif not 0 < comma < end or raw[end - 1 : end] == b"\\":  # not a data URL string that ends here
+            continue
+        else:
+            spans.append((comma + 1, end))
+        size = (spans[-1][1] - spans[-1][0]) * 3 // 4  # from the base64 length, before any decoding
         if size > max_image_bytes + 3:
+            holds = "at least" if partial and end == len(raw) else "about"
             raise APIError(
                 413,
-                f"an inline image holds about {size:,} bytes, over this server's limit of "
+                f"an inline image holds {holds} {size:,} bytes, over this server's limit of "
                 f"{max_image_bytes:,} bytes per image; send a smaller image",
                 code="image_too_large",
             )
-        spans.append((comma + 1, end))
         at = end + 1
+    return spans
+
+
+def _text_too_long(size: int, limits: Limits, arrived: bool = False) -> APIError:
+    holds = "holds at least" if arrived else "holds"
+    return APIError(
+        413,
+        f"the request {holds} {size:,} bytes besides its inline images, more than any prompt that fits this "
+        f"model's context ({limits.max_text_bytes:,} bytes); shorten the conversation",
+        code="context_length_exceeded",
+    )
+
+
+def _lift(raw: bytes | bytearray, spans: list[tuple[int, int]]) -> tuple[bytes | bytearray, list]:
+    """(the body with each payload in `spans` replaced by a marker, the payloads)."""
     if not spans:
         return raw, []
     pieces, cursor = [], 0

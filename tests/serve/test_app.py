@@ -121,7 +121,7 @@ BAD_BODIES = [
         "text that cannot fit, refused before parsing",
         {"messages": [{"role": "user", "content": "count " * 100_000}]},
         413,
-        ["600,0", "bytes besides its inline images", "shorten the conversation"],
+        ["holds at least", "bytes besides its inline images", "shorten the conversation"],
         None,
     ),
     (

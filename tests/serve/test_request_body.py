@@ -10,7 +10,7 @@ import pytest
 
 from vlbridge.serve.errors import APIError
 from vlbridge.serve.protocol import ChatCompletionRequest
-from vlbridge.serve.request_body import Limits, parse_body
+from vlbridge.serve.request_body import Limits, check_prefix, parse_body
 
 LIMITS = Limits(max_image_bytes=1000, max_text_bytes=10_000)
 PNG = "data:image/png;base64," + base64.b64encode(bytes(range(200))).decode()
@@ -63,3 +63,17 @@ def test_not_json_is_still_a_clear_400():
     with pytest.raises(APIError, match="not valid JSON") as err:
         parse_body(b'{"messages": [{"role": "user", "content": "data:x,' + b"y" * 10, LIMITS)
     assert err.value.status == 400
+
+
+def test_a_body_still_arriving_is_refused_once_its_prefix_proves_it_too_large():
+    raw = json.dumps(body(image(PNG), {"type": "text", "text": "x" * 20_000})).encode()
+    check_prefix(raw[:9_000], LIMITS)  # under the text limit so far
+    with pytest.raises(APIError, match="holds at least 10,") as err:
+        check_prefix(raw[:10_500], LIMITS)
+    assert err.value.status == 413
+    growing = "data:image/png;base64," + base64.b64encode(bytes(5000)).decode()
+    opened = json.dumps(body(image(growing))).encode()[:-20]  # the data URL is not closed yet
+    with pytest.raises(APIError, match="holds at least 4,9.. bytes, over this server's limit of 1,000"):
+        check_prefix(opened, LIMITS)
+    unclosed = json.dumps(body(image(PNG + "A" * 800))).encode()[:-30]
+    check_prefix(unclosed, LIMITS)  # an image still arriving (under its limit) counts as image, not text
