@@ -3,5 +3,6 @@
 - `vlbridge eval`: task YAMLs (`tasks/`) grouped into suites (`suites/`), data loaders (`loaders/`), official
   metrics (`metrics/`), one loop (`runner.py`) over a checkpoint or an OpenAI-compatible endpoint
   (`backends/`), reports (`report.py`) and run comparisons (`compare.py`).
-- `vqa.py`: the held-out accuracy training reports; `bench.py` / `efficiency.py`: `vlbridge bench`.
+- `vqa.py`, `after_training.py`: the held-out accuracy `vlbridge train` reports;
+  `bench.py` / `efficiency.py`: `vlbridge bench`.
 """

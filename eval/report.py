@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,23 @@ from rich.table import Table
 
 from vlbridge import __version__
 
-from .runner import TaskResult
+from .example import Example
+from .metrics import Scored
+from .tasks import TaskConfig
+
+
+@dataclass
+class TaskResult:
+    """What one task's run produced: runner.py makes it, this module writes it down."""
+
+    task: TaskConfig
+    examples: list[Example]
+    prompts: list[str]  # the user turn as sent (images as <image> markers)
+    raw: list[str]  # the backend's answers
+    answers: list[str]  # after the task's post-processing: what the metric scored
+    scored: Scored
+    groups: dict[str, dict]  # group -> {"n", metrics...}
+    seconds: float
 
 
 def task_record(result: TaskResult) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -19,20 +19,9 @@ from vlbridge.errors import ConfigError
 from .backends import Backend, Request
 from .example import Example
 from .loaders import load_examples
-from .metrics import Scored, build_metric
+from .metrics import build_metric
+from .report import TaskResult, print_summary, write_report
 from .tasks import TaskConfig, chat_messages, load_suite, postprocess, render_prompt
-
-
-@dataclass
-class TaskResult:
-    task: TaskConfig
-    examples: list[Example]
-    prompts: list[str]  # the user turn as sent (images as <image> markers)
-    raw: list[str]  # the backend's answers
-    answers: list[str]  # after the task's post-processing: what the metric scored
-    scored: Scored
-    groups: dict[str, dict]  # group -> {"n", metrics...}
-    seconds: float
 
 
 def generate_all(
@@ -130,8 +119,6 @@ def run_eval(
     progress: bool = True,
 ) -> Path:
     """Run a suite (and/or tasks) and write results.json, samples.jsonl and report.md; returns the folder."""
-    from .report import print_summary, write_report
-
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {limit}")
     suite_name, configs = load_suite(suite, tasks, overrides)

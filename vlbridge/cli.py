@@ -13,13 +13,15 @@ from .errors import VLBridgeError
 
 
 def _train(args: argparse.Namespace) -> None:
+    from .eval.after_training import evaluate_and_report
     from .recipe import load_recipe
     from .training.run import run_training
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.output_dir:
         recipe.output_dir = args.output_dir
-    run_training(recipe, resume=args.resume, overwrite=args.overwrite, evaluate=not args.no_eval)
+    evaluate = None if args.no_eval else evaluate_and_report
+    run_training(recipe, resume=args.resume, overwrite=args.overwrite, evaluate=evaluate)
 
 
 def _chat(args: argparse.Namespace) -> None:

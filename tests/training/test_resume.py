@@ -56,13 +56,13 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, recipe_tree):
     straight = parse_recipe(
         recipe_tree(steps=steps, save_every=4) | {"output_dir": str(tmp_path / "straight")}
     )
-    run_training(straight, evaluate=False)
+    run_training(straight)
 
     interrupted_tree = recipe_tree(steps=steps, save_every=4) | {"output_dir": str(tmp_path / "killed")}
     recipe_path = tmp_path / "killed.yaml"
     recipe_path.write_text(yaml.safe_dump(interrupted_tree))
     kill_after_checkpoint(recipe_path, tmp_path / "killed", step=8)  # inside stage 2 (LoRA, dropout)
-    run_training(parse_recipe(interrupted_tree), resume=True, evaluate=False)
+    run_training(parse_recipe(interrupted_tree), resume=True)
 
     expected, got = weights(tmp_path / "straight" / "model"), weights(tmp_path / "killed" / "model")
     assert expected.keys() == got.keys()

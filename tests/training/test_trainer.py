@@ -9,6 +9,7 @@ import yaml
 from safetensors.torch import load_file
 
 from vlbridge.checkpoint import load_model
+from vlbridge.eval.after_training import evaluate_and_report
 from vlbridge.recipe import parse_recipe
 from vlbridge.training.checkpointing import latest_checkpoint
 from vlbridge.training.run import run_training
@@ -19,7 +20,7 @@ def test_two_stage_run_writes_model_checkpoints_and_results(recipe_tree):
     tree = recipe_tree(save_every=3)
     tree["train"]["tensorboard"] = True
     recipe = parse_recipe(tree)
-    summary = run_training(recipe)
+    summary = run_training(recipe, evaluate=evaluate_and_report)
     run_dir = recipe.run_dir
     assert summary["global_steps"] == 10
     assert summary["samples_seen"] == 4 * 4 + 6 * 4 * 2
@@ -54,13 +55,13 @@ def test_stage_freezes_what_it_does_not_name(recipe_tree):
 def test_frozen_modules_do_not_change(recipe_tree):
     tree = recipe_tree(steps=(3, 1))
     recipe = parse_recipe(tree)
-    run_training(recipe, evaluate=False)
+    run_training(recipe)
     model, _ = load_model(recipe.run_dir / "model")
     fresh = parse_recipe(tree | {"output_dir": str(recipe.run_dir) + "-init"})
     fresh.train.stages[0].steps = 1
     fresh.train.stages[0].lr = 1e-12  # a near-no-op run gives the initial weights
     fresh.train.stages = fresh.train.stages[:1]
-    run_training(fresh, evaluate=False)
+    run_training(fresh)
     init_llm = load_file(str(fresh.run_dir / "model" / "llm" / "model.safetensors"))
     trained_llm = load_file(str(recipe.run_dir / "model" / "llm" / "model.safetensors"))
     for key, value in init_llm.items():  # LoRA lives in adapters/; the base LLM weights stay frozen

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -23,10 +24,13 @@ from ..recipe import Recipe, dump_recipe
 from ..registry import FRONTENDS
 from ..tokenization import add_frontend_tokens, load_tokenizer
 from .checkpointing import TrainerState, latest_checkpoint, load_state
-from .report import evaluate_and_report
 from .trainer import Trainer
 
 MODEL_DIR = "model"
+
+
+# (recipe, trained model, processor, training samples, console) -> figures for results.json
+Evaluation = Callable[[Recipe, VLModel, VLProcessor, Sequence, Console], dict]
 
 
 def make_accelerator(recipe: Recipe) -> Accelerator:
@@ -90,9 +94,11 @@ def run_training(
     *,
     resume: bool = False,
     overwrite: bool = False,
-    evaluate: bool = True,
+    evaluate: Evaluation | None = None,
     console: Console | None = None,
 ) -> dict:
+    """Train, save the final model, and (when `evaluate` is given and the recipe has eval data) add what
+    it measures on the saved model to results.json; `vlbridge train` passes the eval app's report."""
     console = console or Console()
     wall_start = time.perf_counter()
     accelerator = make_accelerator(recipe)
@@ -122,8 +128,8 @@ def run_training(
         console.print(
             f"[yellow]dropped {trainer.drops.total} over-long training samples: {trainer.drops.counts}"
         )
-    if evaluate and recipe.data.eval is not None:
-        summary.update(evaluate_and_report(recipe, model, processor, train_data, console))
+    if evaluate is not None and recipe.data.eval is not None:
+        summary.update(evaluate(recipe, model, processor, train_data, console))
     summary["wall_seconds"] = time.perf_counter() - wall_start
     (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
     console.print(

@@ -1,4 +1,7 @@
-"""After training: VQA accuracy per question type beside majority-answer baselines, one example answer."""
+"""After `vlbridge train`: VQA accuracy per question type beside majority-answer baselines, example answers.
+
+The CLI hands `evaluate_and_report` to `run_training`, so the training core never imports the eval app.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +10,13 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from ..data.formats import load_image, load_source
-from ..recipe import Recipe
+from vlbridge.data.formats import load_image, load_source
+from vlbridge.recipe import Recipe
+
+from .vqa import evaluate_vqa, majority_baselines
 
 
 def evaluate_and_report(recipe: Recipe, model, processor, train_data, console: Console) -> dict:
-    from vlbridge.eval.vqa import evaluate_vqa, majority_baselines
-
     samples = load_source(recipe.data.eval)
     started = time.perf_counter()
     result = evaluate_vqa(
