@@ -3,6 +3,7 @@ dependency has a tested range that the lock satisfies."""
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import tomllib
@@ -53,3 +54,27 @@ def test_every_dependency_has_a_tested_range_that_the_lock_satisfies():
         assert name in lock, f"{requirement.name} is not in constraints.txt: run scripts/lock.sh"
         locked = lock[name]
         assert locked in requirement.specifier, f"constraints.txt's {name}=={locked} is not in {requirement}"
+
+
+def test_the_core_never_imports_the_app_layer():
+    """vlbridge/ (but the CLI, which dispatches to every command) never imports vlbridge.eval or .serve."""
+    upward = []
+    for path in (ROOT / "vlbridge").rglob("*.py"):
+        if path.name == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            top = path.relative_to(ROOT / "vlbridge").parts[:-1]  # the package a relative import starts from
+            for name in names:
+                if name.startswith("."):
+                    level = len(name) - len(name.lstrip("."))
+                    base = ("vlbridge", *top[: len(top) - level + 1])
+                    name = ".".join((*base, name.lstrip("."))).rstrip(".")
+                if name.startswith(("vlbridge.eval", "vlbridge.serve")):
+                    upward.append(f"{path.relative_to(ROOT)}: {name}")
+    assert upward == []
