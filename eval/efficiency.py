@@ -152,7 +152,7 @@ def _count_cpu_attention() -> None:
         register_flop_formula(target, get_raw=True)(sdpa_flop)  # sdpa_flop already maps tensors to shapes
 
 
-def cache_bytes(past_key_values) -> int:
+def cache_bytes(cache) -> int:
     """Bytes held by a transformers KV cache (any Cache class or legacy tuple)."""
     seen, total = set(), 0
 
@@ -171,7 +171,7 @@ def cache_bytes(past_key_values) -> int:
         elif hasattr(obj, "key_cache"):
             visit([obj.key_cache, obj.value_cache])
 
-    visit(past_key_values)
+    visit(cache)
     return total
 
 
@@ -181,6 +181,6 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def cache_lengths(past_key_values) -> list[int]:
+def cache_lengths(cache) -> list[int]:
     """Entries per decoder layer of a transformers KV cache (reduced layers hold fewer)."""
-    return [layer.get_seq_length() for layer in past_key_values.layers]
+    return [layer.get_seq_length() for layer in cache.layers]
