@@ -10,7 +10,8 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from vlbridge.data.formats import load_image, load_source
+from vlbridge.data.formats import load_source
+from vlbridge.data.io import load_image
 from vlbridge.recipe import Recipe
 
 from .vqa import evaluate_vqa, majority_baselines

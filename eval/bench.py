@@ -24,14 +24,13 @@ from transformers import LogitsProcessorList
 
 from vlbridge.config import Strict, VLConfig, deep_merge
 from vlbridge.errors import ConfigError
+from vlbridge.factory import build
 from vlbridge.families import choose_dtype
 from vlbridge.llm_calls import returned_cache
-from vlbridge.modeling import VLModel
 from vlbridge.processing import VLProcessor, pad_batch
 from vlbridge.recipe import LoRASettings, Mode, StageConfig, load_yaml_config
 from vlbridge.reducers import Meter
-from vlbridge.registry import FRONTENDS
-from vlbridge.tokenization import add_frontend_tokens, generation_kwargs, train_bpe
+from vlbridge.tokenization import generation_kwargs, train_bpe
 from vlbridge.training.stages import apply_stage
 
 from .bench_report import RATIO_KEYS, console_table, markdown, plot
@@ -145,15 +144,14 @@ class Bench:
     def _build(self, case: BenchCase):
         config = self.case_config(case)
         tokenizer = train_bpe([_text(len(_WORDS), i) for i in range(len(_WORDS))], self.config.vocab_size)
-        add_frontend_tokens(tokenizer, FRONTENDS.get(config.frontend.type).tokens_for(config.frontend))
         torch.manual_seed(self.config.seed)
         dtype = choose_dtype(config.llm.dtype, self.device)
-        model = VLModel.from_config(config, tokenizer, device=str(self.device), dtype=dtype).eval()
-        processor = VLProcessor(tokenizer, model.frontend, image_token=config.image_token, max_length=10**6)
-        return model, tokenizer, processor
+        model, processor = build(config, tokenizer, device=str(self.device), dtype=dtype)
+        processor.max_length = 10**6
+        return model.eval(), tokenizer, processor
 
-    def _messages(self, answer: bool) -> list[dict]:
-        messages = [{"role": "user", "content": f"<image>\n{_text(self.config.prompt_words)}"}]
+    def _messages(self, processor: VLProcessor, answer: bool) -> list[dict]:
+        messages = [{"role": "user", "content": processor.place_images(_text(self.config.prompt_words), 1)}]
         if answer:
             messages.append({"role": "assistant", "content": _text(self.config.answer_words, 3)})
         return messages
@@ -162,7 +160,7 @@ class Bench:
         cfg, device = self.config, self.device
         model, tokenizer, processor = self._build(case)
         image = _image(case.image_size)
-        batch = processor([self._messages(False)] * cfg.batch_size, [[image]] * cfg.batch_size)
+        batch = processor([self._messages(processor, False)] * cfg.batch_size, [[image]] * cfg.batch_size)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         ids = batch["input_ids"]
         visual = torch.isin(ids[0], torch.tensor(model.frontend.special_token_ids, device=device))
@@ -295,8 +293,8 @@ class Bench:
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=1e-5)
-        encoded = processor.encode(self._messages(True), [image], sample_id="bench")
-        batch = pad_batch([encoded] * cfg.batch_size, processor.tokenizer.pad_token_id, model.frontend)
+        encoded = processor.encode(self._messages(processor, True), [image], sample_id="bench")
+        batch = pad_batch([encoded] * cfg.batch_size, processor.tokenizer.pad_token_id, processor.layout)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 

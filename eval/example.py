@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image
 
-from vlbridge.data.formats import LazySamples, load_image
+from vlbridge.data.io import load_image
 
 
 @dataclass
@@ -34,7 +34,3 @@ def resolve_image(ref: Any, sample_id: str = "?") -> Image.Image:
     if callable(ref) and not isinstance(ref, Image.Image):
         ref = ref()
     return load_image(ref, sample_id)
-
-
-# Rows converted to examples on access, so a `--limit 50` run never converts a whole dataset.
-LazyExamples = LazySamples

@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from vlbridge.data.formats import load_image
+from vlbridge.data.io import load_image
 
 from .backends import ModelBackend, Request
 from .metrics.match import normalize_basic as normalize_answer

@@ -277,7 +277,7 @@ class Engine:
         self._drop_finished()
 
     def _forward_prompts(self, prompts: list[Prompt]) -> tuple[torch.Tensor, KVBatch]:
-        batch = pad_batch([p.encoded for p in prompts], self.pad_id, self.model.frontend, side="left")
+        batch = pad_batch([p.encoded for p in prompts], self.pad_id, self.model.frontend.layout, side="left")
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         pixels = batch["pixel_values"]
         if isinstance(pixels, torch.Tensor):

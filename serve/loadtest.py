@@ -239,18 +239,13 @@ def serve_levels(args, checkpoint: str, max_batch: int, levels: list[int], batch
 
 def random_checkpoint(size: str) -> str:
     """Write a random model (`tiny` or `mid`) to a temporary directory; returns its path."""
-    from vlbridge.modeling import VLModel
-    from vlbridge.testing import tiny_model, tiny_tokenizer, tiny_vl_config
+    from vlbridge.testing import tiny_model
 
     out = Path(tempfile.mkdtemp(prefix=f"vlbridge-{size}-")) / size
-    if size == "tiny":
-        model, tokenizer, _ = tiny_model("llama", "clip_vision_model")
-    elif size == "mid":
-        config = tiny_vl_config("llama", "clip_vision_model", **MID_OVERRIDES)
-        tokenizer = tiny_tokenizer(config)
-        model = VLModel.from_config(config, tokenizer).eval()
-    else:
+    if size not in ("tiny", "mid"):
         raise SystemExit(f"unknown random model size {size!r}: use random:tiny or random:mid")
+    overrides = MID_OVERRIDES if size == "mid" else {}
+    model, tokenizer, _ = tiny_model("llama", "clip_vision_model", **overrides)
     model.save_pretrained(out, tokenizer)
     return str(out)
 
@@ -258,16 +253,15 @@ def random_checkpoint(size: str) -> str:
 def roofline(checkpoint: str, threads: int | None) -> dict:
     import torch
 
-    from vlbridge.checkpoint import load_model, resolve_checkpoint
-    from vlbridge.processing import VLProcessor
+    from vlbridge.checkpoint import resolve_checkpoint
+    from vlbridge.factory import load_pretrained
 
     from .roofline import decode_roofline
 
     if threads:
         torch.set_num_threads(threads)
-    model, tokenizer = load_model(resolve_checkpoint(checkpoint))
-    processor = VLProcessor(tokenizer, model.frontend, max_length=model.config.max_length)
-    return decode_roofline(model, tokenizer, processor)
+    model, processor = load_pretrained(resolve_checkpoint(checkpoint))
+    return decode_roofline(model, processor.tokenizer, processor)
 
 
 def markdown(report: dict) -> str:

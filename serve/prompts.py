@@ -57,7 +57,7 @@ class PromptBuilder:
         self.context_length = context_length
         self.max_images = max_images
         self._tokenizer_lock = threading.Lock()
-        self._reserved = [processor.image_token, *processor.frontend.special_tokens()]
+        self._reserved = [processor.image_token, *processor.layout.special_tokens]
         self._image_ids = set(processor.image_ids())
         # Characters one token can cover, at most, times NORMALIZATION_SLACK: `len(text) // _chars_per_token`
         # tokens is a lower bound on any text's count, known before tokenizing.
@@ -136,10 +136,7 @@ class PromptBuilder:
                 "send images as image_url content parts and remove the marker from the text",
                 f"messages.{index}.content",
             )
-        if n_images:
-            marks = "\n".join(self.processor.image_token for _ in range(n_images))
-            text = f"{marks}\n{text}" if self.image_position == "before" else f"{text}\n{marks}"
-        return {"role": _ROLES[message.role], "content": text}
+        return {"role": _ROLES[message.role], "content": self.processor.place_images(text, n_images)}
 
 
 def _texts(message: ChatMessage) -> list[str]:

@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 from fastapi import FastAPI
 
-from vlbridge.checkpoint import load_model, resolve_checkpoint
+from vlbridge.checkpoint import resolve_checkpoint
 from vlbridge.errors import ConfigError
+from vlbridge.factory import load_pretrained
 from vlbridge.modeling import text_config_of
 from vlbridge.processing import VLProcessor
 
@@ -41,17 +42,16 @@ def context_length(model, requested: int | None) -> int:
 
 
 def build_app(config: ServerConfig) -> FastAPI:
-    model, tokenizer = load_model(
+    model, loaded = load_pretrained(
         resolve_checkpoint(config.checkpoint),
         device=pick_device(config.device),
         reducers=config.reducers or None,
     )
+    tokenizer = loaded.tokenizer
     length = context_length(model, config.max_model_len)
     # Prompts are tokenized in request threads with a tokenizer of their own: the engine's thread decodes
     # with `tokenizer` meanwhile, and a Rust tokenizer must not be reconfigured while another thread uses it.
-    processor = VLProcessor(
-        copy.deepcopy(tokenizer), model.frontend, image_token=model.config.image_token, max_length=length
-    )
+    processor = VLProcessor.from_config(model.config, copy.deepcopy(tokenizer), max_length=length)
     engine = Engine(
         model,
         tokenizer,

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from vlbridge.checkpoint import save_model
 from vlbridge.cli import main
 from vlbridge.testing import tiny_model
 
@@ -14,7 +13,7 @@ from vlbridge.testing import tiny_model
 @pytest.fixture
 def checkpoint(tmp_path):
     model, tokenizer, _ = tiny_model("llama", "clip_vision_model")
-    save_model(model, tmp_path / "run" / "model", tokenizer)
+    model.save_pretrained(tmp_path / "run" / "model", tokenizer)
     return tmp_path / "run"
 
 

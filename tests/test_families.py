@@ -56,7 +56,7 @@ def test_loss_only_on_assistant_tokens(vl, red_image):
     assert torch.equal(labels[supervised], ids[supervised])
     assert (labels[:first] == IGNORE_INDEX).all()
     image_pos = ids == model.frontend.image_token_id
-    assert int(image_pos.sum()) == model.frontend.num_image_tokens()
+    assert int(image_pos.sum()) == model.frontend.layout.num_image_tokens()
     assert int(image_pos.nonzero().max()) < first
 
     out = model(**batch)
@@ -158,7 +158,7 @@ def test_connector_position_embedding_marks_each_visual_slot(red_image):
     for enabled in (False, True):
         model, _, _ = build("llama", "convnext", frontend={"connector": {"position_embedding": enabled}})
         channels = model.frontend.connector.proj[0].in_features // 4  # the tiny config merges 2x2
-        side = int((4 * model.frontend.num_image_tokens()) ** 0.5)
+        side = int((4 * model.frontend.layout.num_image_tokens()) ** 0.5)
         out = model.frontend.connector(torch.ones(1, side * side, channels), (side, side))  # same everywhere
-        assert out.shape[1] == model.frontend.num_image_tokens()
+        assert out.shape[1] == model.frontend.layout.num_image_tokens()
         assert torch.equal(out[0, 0], out[0, 3]) is not enabled

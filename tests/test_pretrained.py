@@ -10,11 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, CLIPConfig, CLIPModel, Qwen2Config, Qwen2ForCausalLM
 
 from vlbridge.config import TokenizerConfig, VLConfig
-from vlbridge.modeling import VLModel
-from vlbridge.processing import VLProcessor
-from vlbridge.registry import FRONTENDS
+from vlbridge.factory import build, load_pretrained
 from vlbridge.testing import TINY_LLM_CONFIGS, TINY_TOWER_CONFIGS
-from vlbridge.tokenization import add_frontend_tokens, load_tokenizer, train_bpe
+from vlbridge.tokenization import load_tokenizer, train_bpe
 
 
 def write_pretrained(tmp_path):
@@ -49,8 +47,7 @@ def test_build_from_local_pretrained_checkpoints(tmp_path, red_image):
     )
     tokenizer = load_tokenizer(TokenizerConfig(name_or_path=str(tmp_path / "llm")))
     n_before = len(tokenizer)
-    add_frontend_tokens(tokenizer, FRONTENDS.get("llava").tokens_for(config.frontend))
-    model = VLModel.from_config(config, tokenizer)
+    model, processor = build(config, tokenizer)
 
     assert len(tokenizer) == n_before + 1  # <image> added, embeddings resized to match
     assert model.language_model.get_input_embeddings().num_embeddings >= len(tokenizer)
@@ -63,11 +60,10 @@ def test_build_from_local_pretrained_checkpoints(tmp_path, red_image):
         tower.embeddings.patch_embedding.weight, clip.vision_model.embeddings.patch_embedding.weight
     )
 
-    processor = VLProcessor(tokenizer, model.frontend)
     batch = processor([[{"role": "user", "content": "<image>\nWhat color?"}]], [[red_image]])
     model.eval()
     before = model(**batch).logits
     model.save_pretrained(tmp_path / "vl", tokenizer)
-    reloaded = VLModel.from_pretrained(tmp_path / "vl")
+    reloaded, _ = load_pretrained(tmp_path / "vl")
     assert torch.equal(reloaded(**batch).logits, before)
     assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / "vl" / "llm"), Qwen2ForCausalLM)

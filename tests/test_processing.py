@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
-from transformers import PretrainedConfig
 
 from vlbridge.errors import DataError
 from vlbridge.frontends.llava import LlavaConfig, LlavaFrontend
@@ -59,7 +58,7 @@ def frontend() -> LlavaFrontend:
     cfg = LlavaConfig.model_validate(
         {"vision": {"model_type": "clip_vision_model", "config": vision}, "connector": {"type": "linear"}}
     )
-    return LlavaFrontend(cfg, PretrainedConfig(hidden_size=16))
+    return LlavaFrontend.image_layout(cfg)
 
 
 def make_processor(frontend, template: str = "default", max_length: int = 2048) -> VLProcessor:
@@ -70,7 +69,7 @@ def make_processor(frontend, template: str = "default", max_length: int = 2048) 
         tok.chat_template = jinja
         if template == "llama3":
             tok.bos_token = "<|begin_of_text|>"
-    tok = add_frontend_tokens(tok, frontend.special_tokens())
+    tok = add_frontend_tokens(tok, list(frontend.special_tokens))
     return VLProcessor(tok, frontend, max_length=max_length)
 
 

@@ -46,7 +46,7 @@ def test_conv_stem_keeps_the_grid_and_the_width(tower):
     # CLIP's pre-LayerNorm goes (it would blow the stem's near-zero background up to full-size tokens)
     tower = stemmed.frontend.vision_tower.model
     assert isinstance(getattr(tower, "pre_layrnorm", nn.Identity()), nn.Identity)
-    assert plain.frontend.num_image_tokens() == stemmed.frontend.num_image_tokens()
+    assert plain.frontend.layout.num_image_tokens() == stemmed.frontend.layout.num_image_tokens()
 
 
 def test_stem_is_translation_equivariant_on_its_own_stride():
@@ -78,7 +78,7 @@ def test_round_trip_keeps_the_stem_and_its_batchnorm_statistics(tower, red_image
 def test_token_merging_runs_on_a_conv_stem_tower(red_image):
     turbo = {"type": "turbo", "r": [8], "min_tokens": 0}
     merged = tiny_model("llama", "clip_vision_model", frontend=frontend(), reducers=[turbo])
-    assert merged[0].frontend.num_image_tokens() == 64 - 8  # 65 tokens with CLS; 8 merged in block 0
+    assert merged[0].frontend.layout.num_image_tokens() == 64 - 8  # 65 tokens with CLS; 8 merged in block 0
     logits = merged[0](**train_batch(merged, red_image)).logits
     assert torch.isfinite(logits).all()
 

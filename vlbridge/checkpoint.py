@@ -15,9 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from peft import PeftModel
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
-from .config import VLConfig
+from .config import VLConfig, format_validation_error
 from .errors import ConfigError
 from .lora import clean_state_dict
 
@@ -72,16 +73,12 @@ def write_model_files(model, out: Path, tokenizer=None) -> None:
         tokenizer.save_pretrained(str(out))
 
 
-def load_model(path, *, device: str = "cpu", dtype=None, reducers: list | None = None):
-    """(VLModel, tokenizer) from a checkpoint directory written by `save_model`.
+def read_config(path, reducers: list | None = None) -> VLConfig:
+    """The resolved VLConfig a checkpoint was saved with, its LLM pointed at the checkpoint's `llm/`.
 
     `reducers` (config sections or dicts) are added to those the checkpoint already has: training-free
     ones (turbo, tome, fastv) switch on for any trained model this way.
     """
-    from transformers import AutoTokenizer
-
-    from .modeling import VLModel
-
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
         raise ConfigError(
@@ -92,18 +89,18 @@ def load_model(path, *, device: str = "cpu", dtype=None, reducers: list | None =
         local = path / config.llm.name_or_path
         if local.exists():
             config.llm.name_or_path = str(local)
-    saved_reducers = len(config.reducers)
     if reducers:
-        from pydantic import ValidationError
-
-        from .recipe import format_validation_error
-
         try:
             config.reducers = [*config.reducers, *reducers]
         except ValidationError as err:
             raise ConfigError(format_validation_error(err, "--reducer options", what="reducer")) from None
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = VLModel.from_config(config, tokenizer, device=device, dtype=dtype, load_weights=False)
+    return config
+
+
+def load_weights(model, path, *, saved_reducers: int, device: str = "cpu") -> None:
+    """Fill a model built from the checkpoint's config with its trained weights and adapters; only the
+    first `saved_reducers` reducers have saved parameters (the rest were added at load time)."""
+    path = Path(path)
     state = load_file(str(path / FRONTEND_FILE), device=str(device))
     model.frontend.load_state_dict(state, strict=True)
     if (path / REDUCERS_FILE).is_file():
@@ -113,8 +110,6 @@ def load_model(path, *, device: str = "cpu", dtype=None, reducers: list | None =
     for group_dir in sorted(adapters.iterdir()) if adapters.is_dir() else []:
         module = model.get_group(group_dir.name)
         model.set_group(group_dir.name, PeftModel.from_pretrained(module, str(group_dir), is_trainable=False))
-    model.eval()
-    return model.to(device), tokenizer
 
 
 def resolve_checkpoint(path) -> Path:

@@ -27,34 +27,24 @@ def _train(args: argparse.Namespace) -> None:
 def _chat(args: argparse.Namespace) -> None:
     import torch
 
-    from .checkpoint import load_model, resolve_checkpoint
-    from .data.formats import load_image
-    from .processing import VLProcessor
+    from .checkpoint import resolve_checkpoint
+    from .data.io import load_image
+    from .factory import load_pretrained
     from .tokenization import generation_kwargs
 
-    model, tokenizer = load_model(resolve_checkpoint(args.checkpoint), reducers=reducer_sections(args))
-    processor = VLProcessor(tokenizer, model.frontend, max_length=model.config.max_length)
+    model, processor = load_pretrained(resolve_checkpoint(args.checkpoint), reducers=reducer_sections(args))
     images = [load_image(p, "command line") for p in args.image]
-    marks = "\n".join("<image>" for _ in images)
-    content = (
-        args.prompt
-        if not images
-        else (
-            f"{marks}\n{args.prompt}"
-            if model.config.image_position == "before"
-            else f"{args.prompt}\n{marks}"
-        )
-    )
-    batch = processor([[{"role": "user", "content": content}]], [images])
+    turn = {"role": "user", "content": processor.place_images(args.prompt, len(images))}
+    batch = processor([[turn]], [images])
     if args.seed is not None:
         torch.manual_seed(args.seed)
     sampling = (
         {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
     )
     tokens = model.generate(
-        **batch, max_new_tokens=args.max_new_tokens, **generation_kwargs(tokenizer), **sampling
+        **batch, max_new_tokens=args.max_new_tokens, **generation_kwargs(processor.tokenizer), **sampling
     )
-    print(tokenizer.decode(tokens[0], skip_special_tokens=True).strip())
+    print(processor.tokenizer.decode(tokens[0], skip_special_tokens=True).strip())
 
 
 def reducer_sections(args: argparse.Namespace) -> list[dict]:
@@ -110,12 +100,13 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from .checkpoint import load_model, resolve_checkpoint, save_model
+    from .checkpoint import resolve_checkpoint
+    from .factory import load_pretrained
 
-    model, tokenizer = load_model(resolve_checkpoint(args.checkpoint))
+    model, processor = load_pretrained(resolve_checkpoint(args.checkpoint))
     if args.merge_lora:
         model.merge_lora()
-    save_model(model, args.out, tokenizer)
+    model.save_pretrained(args.out, processor.tokenizer)
     print(args.out)
 
 

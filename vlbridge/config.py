@@ -9,10 +9,29 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    model_validator,
+)
 
 from .errors import ConfigError
 from .registry import FRONTENDS, REDUCERS, Registry
+
+
+def format_validation_error(err: ValidationError, source: str, what: str = "recipe") -> str:
+    """A pydantic error as one line per wrong field: where, what is wrong, and what was given."""
+    lines = [f"invalid {what} {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        seen = e.get("input")
+        shown = repr(seen) if not isinstance(seen, dict) else "{...}"
+        lines.append(f"  {loc}: {e['msg']} (got {shown[:80]})")
+    return "\n".join(lines)
 
 
 class Strict(BaseModel):
@@ -128,6 +147,11 @@ class TokenizerConfig(Strict):
     chat_template: str | None = None
 
 
+# How conversations mark where an image goes, unless a model's config says otherwise (`image_token`):
+# LLaVA's data convention, used by vlbridge's data formats and eval requests.
+IMAGE_MARKER = "<image>"
+
+
 class VLConfig(Strict):
     """A whole vision-language model: saved as `config.json` in every checkpoint."""
 
@@ -138,7 +162,7 @@ class VLConfig(Strict):
     reducers: list[Annotated[SerializeAsAny[ReducerConfig], dispatch_on_type(REDUCERS, ReducerConfig)]] = (
         Field(default_factory=list)
     )
-    image_token: str = "<image>"
+    image_token: str = IMAGE_MARKER  # the marker this model's conversations use where an image goes
     # Where chat front-ends (CLI, server) put images relative to the user's text; match the training data.
     image_position: Literal["before", "after"] = "before"
     max_length: int = Field(default=2048, ge=8)

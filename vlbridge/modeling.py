@@ -16,10 +16,12 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .checkpoint import save_model
 from .config import VLConfig
 from .errors import ConfigError
 from .families import choose_attention, choose_dtype
 from .frontends.base import Frontend
+from .frontends.layout import image_layout
 from .llm_calls import KEY_BIAS, VISUAL_MASK, every_call
 from .lora import merge
 from .reducers.base import Meter, Reducer
@@ -120,21 +122,15 @@ class VLModel(nn.Module):
         """
         llm = build_llm(config, tokenizer, device, dtype)
         frontend_cls = FRONTENDS.get(config.frontend.type)
-        frontend = frontend_cls(config.frontend, text_config_of(llm), load_weights=load_weights)
+        layout = image_layout(config)
+        frontend = frontend_cls(config.frontend, text_config_of(llm), layout, load_weights=load_weights)
         frontend.bind_tokenizer(tokenizer)
         dtype = llm.get_input_embeddings().weight.dtype
         reducers = [REDUCERS.get(section.type)(section) for section in config.reducers]
         return cls(config, llm, frontend.to(dtype), [r.to(dtype) for r in reducers]).to(device)
 
-    @classmethod
-    def from_pretrained(cls, path, *, device: str = "cpu"):
-        from .checkpoint import load_model
-
-        return load_model(path, device=device)[0]
-
     def save_pretrained(self, path, tokenizer=None) -> None:
-        from .checkpoint import save_model
-
+        """Write a checkpoint directory atomically (`vlbridge.factory.load_pretrained` opens it)."""
         save_model(self, path, tokenizer)
 
     @property
@@ -218,7 +214,7 @@ class VLModel(nn.Module):
         span = self._from_reducers("image_span")
         if span is None:
             return None
-        tokens = self.frontend.num_image_tokens(None)
+        tokens = self.frontend.layout.num_image_tokens()
         images = int(visual.sum()) // tokens
         offsets = self._from_reducers("image_positions") if images else None
         if offsets is None:

@@ -8,12 +8,16 @@ offsets fall inside those spans are the only supervised ones. One function serve
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from PIL import Image
+from transformers import AutoTokenizer
 
+from .checkpoint import read_config
+from .config import VLConfig
 from .errors import DataError
-from .frontends.base import Frontend
+from .frontends.layout import ImageLayout, image_layout
 
 IGNORE_INDEX = -100
 
@@ -42,15 +46,48 @@ class DropCounter:
 
 
 class VLProcessor:
-    """Tokenizer + the front-end's image transform and placeholder expansion."""
+    """Tokenizer + the front-end's image layout (pixel transform, placeholder expansion).
+
+    Built from a config and a tokenizer alone (`from_config`, `from_pretrained`): nothing here needs the
+    model. `image_token` is the marker users write where an image goes; `image_position` is where chat
+    front-ends put the images of a user turn (`user_turn`).
+    """
 
     def __init__(
-        self, tokenizer, frontend: Frontend, *, image_token: str = "<image>", max_length: int = 2048
+        self,
+        tokenizer,
+        layout: ImageLayout,
+        *,
+        image_token: str = "<image>",
+        image_position: Literal["before", "after"] = "before",
+        max_length: int = 2048,
     ) -> None:
         self.tokenizer = tokenizer
-        self.frontend = frontend
+        self.layout = layout
         self.image_token = image_token
+        self.image_position = image_position
         self.max_length = max_length
+
+    @classmethod
+    def from_config(cls, config: VLConfig, tokenizer, *, max_length: int | None = None) -> VLProcessor:
+        """The processor of a model built from `config`; the tokenizer must hold the layout's tokens."""
+        return cls(
+            tokenizer,
+            image_layout(config),
+            image_token=config.image_token,
+            image_position=config.image_position,
+            max_length=max_length or config.max_length,
+        )
+
+    @classmethod
+    def from_pretrained(cls, path, *, max_length: int | None = None) -> VLProcessor:
+        """The processor saved with a checkpoint (its config.json and tokenizer files)."""
+        config = read_config(path)
+        return cls.from_config(config, AutoTokenizer.from_pretrained(str(path)), max_length=max_length)
+
+    def place_images(self, text: str, n_images: int) -> str:
+        """A user turn's text with its images' markers where this model was trained to see them."""
+        return place_images(text, n_images, marker=self.image_token, position=self.image_position)
 
     # -- text ------------------------------------------------------------------------------
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -98,7 +135,7 @@ class VLProcessor:
                 f"sample {sample_id}: {n_marks} {self.image_token!r} markers in the messages but "
                 f"{len(images)} images; put one marker per image in the user text"
             )
-        pixels = [self.frontend.image_processor(image) for image in images]
+        pixels = [self.layout.image_processor(image) for image in images]
         text, spans = self._expand(text, spans, pixels)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         image_ids = set(self.image_ids())  # never targets, even inside an assistant reply
@@ -117,7 +154,7 @@ class VLProcessor:
         for _ in pixels:
             positions.append(text.index(mark, cursor))
             cursor = positions[-1] + len(mark)
-        replacements = [self.frontend.placeholder(px) for px in pixels]
+        replacements = [self.layout.placeholder(px) for px in pixels]
         deltas = [len(r) - len(mark) for r in replacements]
 
         def shift(b: int) -> int:
@@ -147,7 +184,7 @@ class VLProcessor:
         return None
 
     def image_ids(self) -> list[int]:
-        return [self.tokenizer.convert_tokens_to_ids(t) for t in self.frontend.special_tokens()]
+        return [self.tokenizer.convert_tokens_to_ids(t) for t in self.layout.special_tokens]
 
     # -- inference ---------------------------------------------------------------------------
     def __call__(
@@ -159,12 +196,20 @@ class VLProcessor:
             self.encode(m, imgs, add_generation_prompt=True, sample_id=str(i))
             for i, (m, imgs) in enumerate(zip(conversations, images, strict=True))
         ]
-        batch = pad_batch(encoded, self.tokenizer.pad_token_id, self.frontend, side="left")
+        batch = pad_batch(encoded, self.tokenizer.pad_token_id, self.layout, side="left")
         del batch["labels"]
         return batch
 
 
-def pad_batch(samples: list[Encoded], pad_id: int, frontend: Frontend, side: str = "right") -> dict:
+def place_images(text: str, n_images: int, *, marker: str, position: Literal["before", "after"]) -> str:
+    """`text` with one `marker` line per image before or after it (the one layout of a user turn)."""
+    if not n_images:
+        return text
+    marks = "\n".join([marker] * n_images)
+    return f"{marks}\n{text}" if position == "before" else f"{text}\n{marks}"
+
+
+def pad_batch(samples: list[Encoded], pad_id: int, layout: ImageLayout, side: str = "right") -> dict:
     """Pad to the longest sample; labels padded with IGNORE_INDEX; pixels collated by the front-end."""
     width = max(len(s.input_ids) for s in samples)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
@@ -178,5 +223,5 @@ def pad_batch(samples: list[Encoded], pad_id: int, frontend: Frontend, side: str
         mask[row, cols] = 1
     pixels = [p for s in samples for p in s.pixel_values]
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    batch["pixel_values"] = frontend.collate(pixels) if pixels else None
+    batch["pixel_values"] = layout.collate(pixels) if pixels else None
     return batch

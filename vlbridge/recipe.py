@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, field_validator
 
-from .config import Strict, TokenizerConfig, VLConfig, dispatch_on_type
+from .config import Strict, TokenizerConfig, VLConfig, dispatch_on_type, format_validation_error
 from .data.formats import DataSourceConfig
 from .errors import ConfigError
 from .registry import DATA_FORMATS
@@ -115,16 +115,6 @@ def apply_override(tree: dict, dotted: str) -> None:
             if isinstance(node, dict) and part not in node:
                 node[part] = {}
             node = node[part]
-
-
-def format_validation_error(err: ValidationError, source: str, what: str = "recipe") -> str:
-    lines = [f"invalid {what} {source}:"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        seen = e.get("input")
-        shown = repr(seen) if not isinstance(seen, dict) else "{...}"
-        lines.append(f"  {loc}: {e['msg']} (got {shown[:80]})")
-    return "\n".join(lines)
 
 
 def load_yaml_config(

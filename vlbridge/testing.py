@@ -19,10 +19,12 @@ from typing import Any, Literal
 import torch
 
 from .config import VLConfig, deep_merge
+from .factory import build, load_pretrained
+from .frontends.layout import image_layout
 from .llm_calls import returned_cache
 from .modeling import VLModel
 from .processing import VLProcessor, pad_batch
-from .registry import FRONTENDS, VISION_TOWERS
+from .registry import VISION_TOWERS
 from .tokenization import add_frontend_tokens, train_bpe
 
 _LLM_COMMON: dict[str, Any] = {
@@ -147,7 +149,7 @@ def tiny_tokenizer(config: VLConfig | None = None, vocab_size: int = 300):
     """A byte-level BPE trained on a few shapes-like sentences, holding `config`'s front-end tokens."""
     config = config or tiny_vl_config()
     tokenizer = train_bpe(_TEXTS * 10, vocab_size)
-    return add_frontend_tokens(tokenizer, FRONTENDS.get(config.frontend.type).tokens_for(config.frontend))
+    return add_frontend_tokens(tokenizer, list(image_layout(config).special_tokens))
 
 
 def tiny_model(
@@ -159,13 +161,9 @@ def tiny_model(
 ) -> VL:
     """(model in eval mode, tokenizer, processor), with weights fixed by `seed`."""
     config = tiny_vl_config(family, tower, **overrides)
-    tokenizer = tiny_tokenizer(config)
     torch.manual_seed(seed)
-    model = VLModel.from_config(config, tokenizer).eval()
-    processor = VLProcessor(
-        tokenizer, model.frontend, image_token=config.image_token, max_length=config.max_length
-    )
-    return model, tokenizer, processor
+    model, processor = build(config, train_bpe(_TEXTS * 10, 300))
+    return model.eval(), processor.tokenizer, processor
 
 
 # -- conformance kit -----------------------------------------------------------------------------------
@@ -195,7 +193,7 @@ def train_batch(
     """One labelled sample (`question` on `image`, replied with `answer`), collated as training sees it."""
     model, tokenizer, processor = vl
     sample = processor.encode(chat(question, answer), [image])
-    return pad_batch([sample], tokenizer.pad_token_id, model.frontend)
+    return pad_batch([sample], tokenizer.pad_token_id, model.frontend.layout)
 
 
 def greedy(model: VLModel, inputs: dict, max_new_tokens: int = 6, **kwargs: Any):
@@ -269,7 +267,7 @@ def assert_save_load_round_trip(vl: VL, batch: dict, image, path: str | Path) ->
     """
     model, tokenizer, processor = vl
     model.save_pretrained(path, tokenizer)
-    loaded = VLModel.from_pretrained(path)
+    loaded, _ = load_pretrained(path)
     assert not loaded.training
     assert torch.equal(loaded(**batch).logits, model(**batch).logits)
     inputs = processor([chat("How many triangles are there?")], [[image]])

@@ -16,11 +16,11 @@ from typing import Any
 
 from PIL import Image
 
+from vlbridge.config import IMAGE_MARKER
 from vlbridge.errors import ConfigError, VLBridgeError
 
 from .base import Backend, ImagePosition, Request
 
-IMAGE_TOKEN = "<image>"
 _RETRY_STATUS = {429, 500, 502, 503, 504}
 
 
@@ -37,10 +37,10 @@ def data_url(image: Image.Image) -> str:
 
 def content_parts(text: str, images: list[Image.Image]) -> list[dict] | str:
     """A message's text split at `<image>` markers into text and `image_url` parts (in order)."""
-    if IMAGE_TOKEN not in text:
+    if IMAGE_MARKER not in text:
         return text
     parts: list[dict] = []
-    pieces = text.split(IMAGE_TOKEN)
+    pieces = text.split(IMAGE_MARKER)
     for i, piece in enumerate(pieces):
         piece = piece.strip("\n")
         if piece:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from vlbridge.config import IMAGE_MARKER
 from vlbridge.processing import VLProcessor
 from vlbridge.tokenization import generation_kwargs
 
@@ -28,17 +29,12 @@ class ModelBackend(Backend):
         cls, checkpoint: str | Path, device: str | None = None, reducers: list[dict] | None = None
     ) -> ModelBackend:
         """`reducers` switch training-free token reducers on (e.g. `[{"type": "turbo", "r": 16}]`)."""
-        from vlbridge.checkpoint import load_model, resolve_checkpoint
+        from vlbridge.checkpoint import resolve_checkpoint
+        from vlbridge.factory import load_pretrained
 
         path = resolve_checkpoint(checkpoint)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, tokenizer = load_model(path, device=device, reducers=reducers)
-        processor = VLProcessor(
-            tokenizer,
-            model.frontend,
-            image_token=model.config.image_token,
-            max_length=model.config.max_length,
-        )
+        model, processor = load_pretrained(path, device=device, reducers=reducers)
         given = Path(checkpoint).resolve()
         name = given.parent.name if given.name == "model" else given.name
         return cls(model, processor, name=name, path=str(path))
@@ -46,13 +42,20 @@ class ModelBackend(Backend):
     @torch.no_grad()
     def generate(self, requests: Sequence[Request], max_new_tokens: int) -> list[str]:
         tokenizer = self.processor.tokenizer
-        batch = self.processor([r.messages for r in requests], [r.images for r in requests])
+        batch = self.processor([self._messages(r) for r in requests], [r.images for r in requests])
         device = self.model.device
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         tokens = self.model.generate(
             **batch, max_new_tokens=max_new_tokens, do_sample=False, **generation_kwargs(tokenizer)
         )
         return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens]
+
+    def _messages(self, request: Request) -> list[dict]:
+        """The request's messages with its image markers (`IMAGE_MARKER`) as this model writes them."""
+        token = self.processor.image_token
+        if token == IMAGE_MARKER:
+            return request.messages
+        return [{**m, "content": m["content"].replace(IMAGE_MARKER, token)} for m in request.messages]
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -15,10 +15,11 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from vlbridge.data.io import LazySamples, column, is_native, open_dataset, read_json
 from vlbridge.errors import DataError
 
-from ..example import Example, LazyExamples
-from .base import LOADERS, HubSourceConfig, column, is_native, need, open_dataset, read_json
+from ..example import Example
+from .base import LOADERS, HubSourceConfig, need
 
 
 class CaptionsSource(HubSourceConfig):
@@ -96,4 +97,4 @@ def load_captions(cfg: CaptionsSource) -> Sequence[Example]:
         sample_id = str(row[id_key]) if id_key else str(index)
         return Example(sample_id, [image_of(row)], {}, refs, row.get(group_key) if group_key else None)
 
-    return LazyExamples(rows, convert)
+    return LazySamples(rows, convert)

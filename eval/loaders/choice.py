@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from vlbridge.data.io import LazySamples, is_native, open_dataset, read_json, read_jsonl
 from vlbridge.errors import DataError
 
-from ..example import Example, LazyExamples
+from ..example import Example
 from ..metrics.choice import LETTERS, format_options
-from .base import LOADERS, HubSourceConfig, is_native, need, open_dataset, read_json, read_jsonl
+from .base import LOADERS, HubSourceConfig, need
 
 
 class ScienceQASource(HubSourceConfig):
@@ -71,7 +72,7 @@ def load_scienceqa(cfg: ScienceQASource) -> Sequence[Example]:
             str(row.get("id", index)), images, fields, [LETTERS[int(row["answer"])]], row.get("subject")
         )
 
-    return LazyExamples(rows, convert)
+    return LazySamples(rows, convert)
 
 
 class POPESource(HubSourceConfig):
@@ -123,4 +124,4 @@ def load_pope(cfg: POPESource) -> Sequence[Example]:
             question_id, [row["image"]], {"question": row["question"]}, [row["answer"]], row["category"]
         )
 
-    return LazyExamples(rows, convert)
+    return LazySamples(rows, convert)

@@ -8,9 +8,10 @@ from typing import Literal
 from pydantic import Field
 
 from vlbridge.data import shapes as shapes_data
+from vlbridge.data.io import LazySamples
 from vlbridge.data.shapes_samples import ShapesSamples
 
-from ..example import Example, LazyExamples
+from ..example import Example
 from .base import LOADERS, SourceConfig
 
 
@@ -34,7 +35,7 @@ def load_shapes(cfg: ShapesTaskSource) -> Sequence[Example]:
     variant = shapes_data.resolve_variant(cfg.variant, cfg.max_objects)
     scenes = shapes_data.generate(variant, cfg.split, cfg.n, seed=cfg.seed)
     if cfg.kind == "caption":
-        return LazyExamples(
+        return LazySamples(
             scenes,
             lambda scene, _: Example(
                 scene.id, [scene.image], {}, [scene.caption], None, {"seed": scene.seed}
@@ -46,4 +47,4 @@ def load_shapes(cfg: ShapesTaskSource) -> Sequence[Example]:
         question, answer, kind = samples.turns[index][0]
         return Example(scene.id, [scene.image], {"question": question}, [answer], kind, {"seed": scene.seed})
 
-    return LazyExamples(scenes, convert)
+    return LazySamples(scenes, convert)

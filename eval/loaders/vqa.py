@@ -14,10 +14,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from vlbridge.data.io import LazySamples, column, is_native, open_dataset, read_json
 from vlbridge.errors import DataError
 
-from ..example import Example, LazyExamples
-from .base import LOADERS, HubSourceConfig, column, is_native, need, open_dataset, read_json
+from ..example import Example
+from .base import LOADERS, HubSourceConfig, need
 
 
 class VQAv2Source(HubSourceConfig):
@@ -57,7 +58,7 @@ def load_vqav2(cfg: VQAv2Source) -> Sequence[Example]:
             row.get("answer_type"),
         )
 
-    return LazyExamples(rows, convert)
+    return LazySamples(rows, convert)
 
 
 class GQASource(HubSourceConfig):
@@ -106,7 +107,7 @@ def load_gqa(cfg: GQASource) -> Sequence[Example]:
         group = (row.get("types") or {}).get("structural")
         return Example(str(row["id"]), [image_of(row)], {"question": row["question"]}, [row["answer"]], group)
 
-    return LazyExamples(rows, convert)
+    return LazySamples(rows, convert)
 
 
 class TextVQASource(HubSourceConfig):
@@ -149,4 +150,4 @@ def load_textvqa(cfg: TextVQASource) -> Sequence[Example]:
         fields = {"question": row["question"], "ocr_tokens": list(tokens or [])}
         return Example(str(row["question_id"]), [row["image"]], fields, list(row["answers"]))
 
-    return LazyExamples(rows, convert)
+    return LazySamples(rows, convert)

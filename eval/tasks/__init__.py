@@ -18,9 +18,10 @@ from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator
 
-from vlbridge.config import Strict, dispatch_on_type
+from vlbridge.config import IMAGE_MARKER, Strict, dispatch_on_type, format_validation_error
 from vlbridge.errors import ConfigError, DataError
-from vlbridge.recipe import apply_override, format_validation_error
+from vlbridge.processing import place_images
+from vlbridge.recipe import apply_override
 from vlbridge.registry import Registry
 
 from ..example import Example
@@ -30,7 +31,6 @@ from ..metrics.vqa import normalize_vqa_answer
 
 TASK_DIR = Path(__file__).parent
 SUITE_DIR = TASK_DIR.parent / "suites"
-IMAGE_TOKEN = "<image>"
 
 POSTPROCESSORS: Registry[Callable[[str], str]] = Registry("answer post-processor")
 POSTPROCESSORS.register("strip")(str.strip)
@@ -61,8 +61,8 @@ class TaskConfig(Strict):
     @field_validator("prompt")
     @classmethod
     def _no_image_marker(cls, prompt: str) -> str:
-        if IMAGE_TOKEN in prompt:
-            raise ValueError(f"{IMAGE_TOKEN} does not belong in a prompt: images are placed by the backend")
+        if IMAGE_MARKER in prompt:
+            raise ValueError(f"{IMAGE_MARKER} does not belong in a prompt: images are placed by the backend")
         return prompt
 
 
@@ -87,11 +87,12 @@ def postprocess(task: TaskConfig, text: str) -> str:
 
 def chat_messages(text: str, n_images: int, image_position: str) -> list[dict]:
     """One user turn with `n_images` markers before or after the text, one per line."""
-    if not n_images:
-        return [{"role": "user", "content": text}]
-    marks = "\n".join(IMAGE_TOKEN for _ in range(n_images))
-    content = f"{marks}\n{text}" if image_position == "before" else f"{text}\n{marks}"
-    return [{"role": "user", "content": content}]
+    return [
+        {
+            "role": "user",
+            "content": place_images(text, n_images, marker=IMAGE_MARKER, position=image_position),
+        }
+    ]
 
 
 # ------------------------------------------------------------------------------------------ lookup

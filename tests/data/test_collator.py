@@ -73,7 +73,7 @@ def test_collate_llava_json_from_disk(tiny, tmp_path) -> None:
 
     assert drops.counts == {"image_truncated": 1}
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    per_image = model.frontend.num_image_tokens(None)
+    per_image = model.frontend.layout.num_image_tokens(None)
     assert batch["input_ids"].shape == (3, processor.max_length)  # the cut answer is the longest row
     assert batch["pixel_values"].shape == (3, 3, 32, 32)
     assert ((batch["input_ids"] == image_id).sum(dim=1) == per_image).all()

@@ -15,10 +15,10 @@ from vlbridge.data.formats import (
     HFDatasetConfig,
     LlavaJsonConfig,
     MessagesConfig,
-    load_image,
     load_source,
     normalise_messages,
 )
+from vlbridge.data.io import load_image
 from vlbridge.errors import ConfigError, DataError
 from vlbridge.registry import DATA_FORMATS
 
@@ -334,7 +334,7 @@ def test_invalid_json_names_the_line(tmp_path, jsonl) -> None:
 
 
 def test_missing_file_and_non_list_json(tmp_path) -> None:
-    with pytest.raises(DataError, match="data file not found: .*nope.json"):
+    with pytest.raises(DataError, match="file not found: .*nope.json"):
         load_source(LlavaJsonConfig(path=str(tmp_path / "nope.json")))
     path = tmp_path / "dict.json"
     path.write_text(json.dumps({"data": []}))

@@ -66,7 +66,7 @@ def bench_run(tmp_path_factory):
 def test_token_counts_match_the_front_end(bench_run):
     _, results = bench_run
     merged, _, _ = tiny_model("llama", "clip_vision_model")
-    tokens = merged.frontend.num_image_tokens()
+    tokens = merged.frontend.layout.num_image_tokens()
     assert results["merged"]["visual_tokens"] == tokens
     assert results["unmerged"]["visual_tokens"] == 4 * tokens
     assert results["unmerged"]["sequence_length"] - results["merged"]["sequence_length"] == 3 * tokens

@@ -15,10 +15,11 @@ from transformers import AutoConfig
 
 from vlbridge import testing as kit
 from vlbridge.errors import ConfigError, DataError
+from vlbridge.factory import load_pretrained
 from vlbridge.frontends.adem_vl import AdemVLConfig, AdemVLFrontend
 from vlbridge.frontends.adem_vl_fusion import VisualMemory, adaptive_drop, drop_count, fuse, multiscale
 from vlbridge.llm_calls import returned_cache
-from vlbridge.modeling import VLModel, build_llm
+from vlbridge.modeling import build_llm
 from vlbridge.processing import pad_batch
 from vlbridge.recipe import LoRASettings, StageConfig, load_recipe
 from vlbridge.testing import TINY_LLM_CONFIGS, chat, greedy, tiny_model
@@ -44,7 +45,7 @@ def train_batch(vl, images: list, answers=("red circle", "blue square")) -> dict
         )
         for image, answer in zip(images, answers, strict=False)
     ]
-    return pad_batch(samples, tokenizer.pad_token_id, model.frontend)
+    return pad_batch(samples, tokenizer.pad_token_id, model.frontend.layout)
 
 
 def expected_trainable(cfg: AdemVLConfig, width: int, blocks: int, hidden: int) -> int:
@@ -236,7 +237,7 @@ def test_text_only_sample_gets_zero_fusion_at_init(red_image):
 def test_tower_adapters_are_identities_at_init():
     model, _, _ = build()
     tower = model.frontend.vision_tower
-    plain = VisionTower(tower.cfg)
+    plain = VisionTower(tower.spec)
     plain.load_state_dict(tower.state_dict())
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -269,7 +270,7 @@ def test_one_input_embedding_per_image_whatever_n_v(red_image):
         ids = tokenizer(before + "Image: ", add_special_tokens=False).input_ids
         ids += [model.frontend.image_token_id] + tokenizer(after, add_special_tokens=False).input_ids
         assert sample.input_ids == ids
-        pixels = model.frontend.collate(sample.pixel_values)
+        pixels = model.frontend.layout.collate(sample.pixel_values)
         embeds = model.llm_inputs(torch.tensor([sample.input_ids]), pixel_values=pixels).inputs_embeds
         assert embeds.shape[1] == len(ids)
         sequences.append(sample.input_ids)
@@ -421,7 +422,7 @@ def test_lora_on_the_llm_keeps_the_hooks_and_round_trips(red_image, tmp_path):
     optimizer.step()
     model.eval()
     model.save_pretrained(tmp_path / "ckpt", tokenizer)
-    loaded = VLModel.from_pretrained(tmp_path / "ckpt")
+    loaded, _ = load_pretrained(tmp_path / "ckpt")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
     inputs = processor([chat("What color?")], [[red_image]])

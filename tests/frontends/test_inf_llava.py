@@ -118,7 +118,7 @@ def test_global_block_k_covers_the_pixels_of_local_crop_k(n, r, p):
 def reference_encode(frontend: InfLlavaFrontend, pixels: torch.Tensor) -> torch.Tensor:
     """The spec's data flow written loop by loop (one tower call per sub-image, one attention call per
     group), sharing only the weights with the front-end under test."""
-    n, r = frontend.config.crops_per_side, frontend.base_size
+    n, r = frontend.config.crops_per_side, frontend.tower_size
     dem, official = frontend.dem, frontend.config.dem_variant == "official"
     x = F.interpolate(pixels, size=(n * r, n * r), mode="bicubic", align_corners=False)
 
@@ -193,7 +193,7 @@ def test_output_is_base_grid_tokens_for_any_input_size(red_image):
     """Property 5: (B, g², D) whatever the input size, and the processor gives n*r pixels."""
     model, _, processor = build()
     frontend = model.frontend
-    assert frontend.image_processor(red_image).shape == (3, 96, 96)
+    assert frontend.layout.image_processor(red_image).shape == (3, 96, 96)
     for size in (40, 96, 150):
         assert frontend.encode(torch.randn(3, 3, size, size)).shape == (3, 4, 64)
 
@@ -205,7 +205,7 @@ def test_default_sizes_give_576_tokens_from_1008_pixels():
     vision = {"model_type": "clip_vision_model", "config": {**clip_l_336, **narrow}}
     config = InfLlavaConfig.model_validate({"vision": vision})
     frontend = InfLlavaFrontend(config, PretrainedConfig(hidden_size=64))
-    assert frontend.image_processor.size == 1008 and frontend.num_image_tokens() == 576
+    assert frontend.layout.image_processor.size == 1008 and frontend.layout.num_image_tokens() == 576
     with torch.no_grad():
         assert frontend.encode(torch.randn(1, 3, 1008, 1008)).shape == (1, 576, 64)
 
@@ -373,5 +373,5 @@ def test_left_padded_batch_equals_one_by_one(vl, red_image, blue_image):
 
 def test_save_load_round_trip(vl, red_image, tmp_path):
     loaded = kit.assert_save_load_round_trip(vl, train_batch(vl, red_image), red_image, tmp_path / "ckpt")
-    assert loaded.frontend.image_processor == vl[0].frontend.image_processor
+    assert loaded.frontend.layout.image_processor == vl[0].frontend.layout.image_processor
     assert loaded.config.frontend.image.size == 32 and loaded.config.frontend.crops_per_side == 3

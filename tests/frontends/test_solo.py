@@ -14,8 +14,8 @@ from PIL import Image
 from transformers import PretrainedConfig
 
 from vlbridge import testing as kit
-from vlbridge.checkpoint import load_model, save_model
 from vlbridge.errors import ConfigError, DataError
+from vlbridge.factory import load_pretrained
 from vlbridge.frontends.solo import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -115,9 +115,9 @@ def test_unknown_end_token_is_rejected():
 def test_paper_examples_sizes_and_token_counts(size, resized, n_tokens):
     assert solo_size(*size, 32, 1024) == resized
     frontend = SoloFrontend(SoloConfig(), PretrainedConfig(hidden_size=8))
-    patches = frontend.image_processor(Image.new("RGB", size, (10, 200, 30)))
+    patches = frontend.layout.image_processor(Image.new("RGB", size, (10, 200, 30)))
     assert patches.shape == (resized[1] // 32, resized[0] // 32, 3 * 32 * 32)
-    assert frontend.num_image_tokens(patches) == n_tokens
+    assert frontend.layout.num_image_tokens(patches) == n_tokens
 
 
 def test_resize_rule_invariants_and_degenerate_clamp():
@@ -153,7 +153,7 @@ def test_processor_uses_pil_bilinear_and_imagenet_statistics():
     rng = np.random.default_rng(1)
     image = Image.fromarray(rng.integers(0, 256, size=(12, 20, 3), dtype=np.uint8))  # W 20 x H 12
     frontend = SoloFrontend(SoloConfig(patch_size=P, max_side=48), PretrainedConfig(hidden_size=8))
-    patches = frontend.image_processor(image)
+    patches = frontend.layout.image_processor(image)
     assert patches.shape == (2, 3, 3 * P * P)  # resized to 24 x 16
     for resample, same in ((Image.BILINEAR, True), (Image.BICUBIC, False)):
         pixels = np.asarray(image.resize((24, 16), resample), dtype=np.float32) / 255.0  # [H, W, 3]
@@ -172,7 +172,7 @@ def test_image_block_layout(end_token):
     ids = torch.tensor(sample.input_ids)
     start = tokenizer.convert_tokens_to_ids(VISION_START)
     first = int((ids == start).nonzero()[0])
-    n = model.frontend.num_image_tokens(sample.pixel_values[0])
+    n = model.frontend.layout.num_image_tokens(sample.pixel_values[0])
     assert n == 5 * 6 + 5 + 1
     row = [PATCH] * 6
     expected = [VISION_START, *row, ROW_SEP, *row, ROW_SEP, *row, ROW_SEP, *row, ROW_SEP, *row, end_token]
@@ -201,7 +201,7 @@ def test_patch_embeddings_are_added_to_the_vpatch_rows(vl):
     batch = pad_batch(
         [processor.encode(chat("Red?", "yes"), [RED]), processor.encode(chat("Blue?", "no"), [BLUE])],
         tokenizer.pad_token_id,
-        model.frontend,
+        model.frontend.layout,
     )
     ids = batch["input_ids"]
     table = model.language_model.get_input_embeddings().weight
@@ -231,7 +231,7 @@ def test_text_only_batch_is_the_bare_llm_and_skips_the_projection(vl):
                 )
             ],
             tokenizer.pad_token_id,
-            model.frontend,
+            model.frontend.layout,
         )
         assert batch["pixel_values"] is None
         logits = model(**batch).logits
@@ -247,7 +247,7 @@ def test_text_only_batch_is_the_bare_llm_and_skips_the_projection(vl):
                 processor.encode([{"role": "user", "content": "Hi"}]),
             ],
             tokenizer.pad_token_id,
-            model.frontend,
+            model.frontend.layout,
         )
         assert mixed["pixel_values"].shape == (16, 3 * P * P) and torch.isfinite(model(**mixed).loss)
     finally:
@@ -352,8 +352,8 @@ def test_lora_stage_trains_the_new_token_rows_and_round_trips(tmp_path, tied):
     assert (after[new] - before[new]).abs().amax(-1).min() > 0  # new rows trained
 
     logits = model(**batch).logits
-    save_model(model, tmp_path / "ckpt", tokenizer)
-    reloaded, _ = load_model(tmp_path / "ckpt")
+    model.save_pretrained(tmp_path / "ckpt", tokenizer)
+    reloaded, _ = load_pretrained(tmp_path / "ckpt")
     assert torch.equal(reloaded(**batch).logits, logits)
     merged = reloaded.merge_lora()
     assert not merged.lora_groups()
@@ -393,7 +393,7 @@ def test_family_packed_documents_are_independent(family_vl):
     model, tokenizer, processor = family_vl
     doc2 = processor.encode(chat("What shape is the blue object?", "square"), [BLUE])
     alone = model(
-        torch.tensor([doc2.input_ids]), pixel_values=model.frontend.collate(doc2.pixel_values)
+        torch.tensor([doc2.input_ids]), pixel_values=model.frontend.layout.collate(doc2.pixel_values)
     ).logits[0]
     for first_image in (RED, scene((40, 190, 60), (40, 48))):
         doc1 = processor.encode(chat("What color is the circle?", "red"), [first_image])
@@ -406,7 +406,7 @@ def test_family_packed_documents_are_independent(family_vl):
         packed = model(
             torch.tensor([doc1.input_ids + doc2.input_ids]),
             mask[None, None],
-            model.frontend.collate(doc1.pixel_values + doc2.pixel_values),
+            model.frontend.layout.collate(doc1.pixel_values + doc2.pixel_values),
             position_ids=torch.cat([torch.arange(n1), torch.arange(n2)])[None],
         ).logits[0]
         torch.testing.assert_close(packed[n1:], alone, atol=ATOL, rtol=0)

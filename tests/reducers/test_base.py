@@ -6,8 +6,9 @@ import pytest
 from PIL import Image
 
 from vlbridge.errors import ConfigError
+from vlbridge.frontends.layout import image_layout
 from vlbridge.reducers import parse_reducer_spec
-from vlbridge.testing import chat, tiny_model
+from vlbridge.testing import chat, tiny_model, tiny_vl_config
 
 
 def test_reducer_spec_parses_types_scalars_and_lists():
@@ -35,27 +36,21 @@ def test_unknown_reducer_lists_the_known_ones():
 
 @pytest.mark.parametrize("frontend", ["solo", "inf_llava", "adem_vl"])
 def test_frontends_without_a_plain_tower_grid_refuse_tower_reducers(frontend):
+    refused = f"{frontend!r} front-end does not support"
+    config = tiny_vl_config(frontend={"type": frontend}, reducers=[{"type": "turbo"}])
+    with pytest.raises(ConfigError, match=refused):  # the processor, built from the config alone
+        image_layout(config)
+    with pytest.raises(ConfigError, match=refused):
+        tiny_model(frontend={"type": frontend}, reducers=[{"type": "turbo"}])
     model, _, _ = tiny_model(frontend={"type": frontend})
-    with pytest.raises(ConfigError, match=f"{frontend!r} front-end does not support"):
-        model.frontend.reduce_tower(lambda tower: None, "turbo")
+    with pytest.raises(ConfigError, match=refused):  # and the model side, for reducers attached by hand
+        model.frontend.reducible_tower("turbo")
 
 
 def test_llava_refuses_tower_reducers_that_would_break_its_grid_merge():
-    model, _, _ = tiny_model()  # the tiny llava merges 2x2 neighbours in its connector
+    # the tiny llava merges 2x2 neighbours in its connector
     with pytest.raises(ConfigError, match="merge: 1"):
-        model.frontend.reduce_tower(lambda tower: None, "turbo")
-
-
-def test_llava_recounts_placeholders_after_the_tower_is_patched():
-    model, _, _ = tiny_model(frontend={"type": "llava", "connector": {"merge": 1}})
-    before = model.frontend.num_image_tokens()
-
-    def drop_last_token(tower):
-        forward = tower.forward
-        tower.forward = lambda pixels: (forward(pixels)[0][:, :-1], None)
-
-    model.frontend.reduce_tower(drop_last_token, "test")
-    assert model.frontend.num_image_tokens() == before - 1
+        image_layout(tiny_vl_config(reducers=[{"type": "turbo"}]))
 
 
 def test_solo_visual_mask_covers_patches_and_row_separators_only():
@@ -69,9 +64,9 @@ def test_solo_visual_mask_covers_patches_and_row_separators_only():
 
 
 def test_a_bad_reducer_added_at_load_time_is_a_config_error(tmp_path):
-    from vlbridge.checkpoint import load_model
+    from vlbridge.factory import load_pretrained
 
     model, tokenizer, _ = tiny_model(frontend={"type": "llava", "connector": {"merge": 1}})
     model.save_pretrained(tmp_path, tokenizer)
     with pytest.raises(ConfigError, match="invalid reducer --reducer options"):
-        load_model(tmp_path, reducers=[{"type": "turbo", "no_such_option": 1}])
+        load_pretrained(tmp_path, reducers=[{"type": "turbo", "no_such_option": 1}])

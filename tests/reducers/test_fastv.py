@@ -182,11 +182,11 @@ def test_bad_values_are_validation_errors(fields):
 
 
 def test_switches_on_for_a_saved_checkpoint(image, tmp_path):
-    from vlbridge.checkpoint import load_model
+    from vlbridge.factory import load_pretrained
 
     plain, tokenizer, processor = build(reducer=False, attention="sdpa")
     plain.save_pretrained(tmp_path / "ckpt", tokenizer)
-    model, _ = load_model(tmp_path / "ckpt", reducers=[{"type": "fastv", "k": 1, "r": 0.75}])
+    model, _ = load_pretrained(tmp_path / "ckpt", reducers=[{"type": "fastv", "k": 1, "r": 0.75}])
     inputs = processor([chat("What color is the circle?")], [[image]])
     out = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
     seq = inputs["input_ids"].shape[1]

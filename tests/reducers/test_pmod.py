@@ -14,8 +14,8 @@ from transformers import StaticCache
 
 from vlbridge.checkpoint import REDUCERS_FILE
 from vlbridge.errors import ConfigError
+from vlbridge.factory import load_pretrained
 from vlbridge.llm_calls import returned_cache, with_cache
-from vlbridge.modeling import VLModel
 from vlbridge.recipe import LoRASettings, StageConfig
 from vlbridge.reducers import Meter, parse_reducer_spec
 from vlbridge.reducers.pmod import PMod, PModConfig, host_budget, keep_budget, router_weights, select_top
@@ -352,7 +352,7 @@ def test_routers_train_under_lora_and_are_saved_with_the_model(red_image, tmp_pa
     model.save_pretrained(tmp_path / "ckpt", tokenizer)
     assert (tmp_path / "ckpt" / REDUCERS_FILE).is_file()
     assert set(model.merge_lora().language_model.state_dict()) == plain_keys  # the LLM's keys untouched
-    loaded = VLModel.from_pretrained(tmp_path / "ckpt")
+    loaded, _ = load_pretrained(tmp_path / "ckpt")
     for name, router in model.reducers[0].routers.items():
         assert torch.equal(loaded.reducers[0].routers[name].weight, router.weight)
     inputs = processor([chat("What color?")], [[red_image]])

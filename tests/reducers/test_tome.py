@@ -11,7 +11,6 @@ import torch
 from pydantic import ValidationError
 
 from vlbridge import testing as kit
-from vlbridge.checkpoint import save_model
 from vlbridge.cli import main
 from vlbridge.reducers import Meter
 from vlbridge.reducers.merge import match, merge, merge_weighted, unmerge
@@ -59,7 +58,9 @@ def test_equals_turbo_with_lambda_zero_and_no_threshold():
     turbo = build(reducers=[{"type": "turbo", "r": 8, "lam": 0, "min_tokens": 0}])[0]
     assert torch.equal(tome.frontend.encode(x), turbo.frontend.encode(x))
     with_threshold = build(reducers=[{"type": "turbo", "r": 8, "lam": 0, "min_tokens": 60}])[0]
-    assert with_threshold.frontend.num_image_tokens() == 64 - 8  # block 1 sees 57 < 60 tokens: no merge
+    assert (
+        with_threshold.frontend.layout.num_image_tokens() == 64 - 8
+    )  # block 1 sees 57 < 60 tokens: no merge
 
 
 def test_unmerge_gives_every_source_its_group_average():
@@ -98,7 +99,7 @@ def test_cached_decode_equals_full_recompute(red_image):
 
 def test_chat_switches_a_reducer_on_from_the_command_line(red_image, tmp_path, capsys):
     model, tokenizer, _ = build()
-    save_model(model, tmp_path / "run" / "model", tokenizer)
+    model.save_pretrained(tmp_path / "run" / "model", tokenizer)
     image = tmp_path / "red.png"
     red_image.save(image)
     args = [

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 from serve_kit import image_message
 
-from vlbridge.checkpoint import load_model
-from vlbridge.processing import VLProcessor
+from vlbridge.factory import load_pretrained
 from vlbridge.tokenization import generation_kwargs
 
 QUESTION = "What color is the circle?"
@@ -16,8 +15,8 @@ QUESTION = "What color is the circle?"
 @pytest.fixture(scope="module")
 def reference(checkpoint):
     """Greedy answers from VLModel.generate (transformers' decode loop), for comparison with the server."""
-    model, tokenizer = load_model(checkpoint)
-    processor = VLProcessor(tokenizer, model.frontend, max_length=model.config.max_length)
+    model, processor = load_pretrained(checkpoint)
+    tokenizer = processor.tokenizer
 
     def answer(messages: list[dict], images: list, max_new_tokens: int) -> tuple[str, int, int]:
         batch = processor([messages], [images])

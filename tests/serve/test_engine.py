@@ -117,7 +117,7 @@ def test_a_reduced_image_kept_on_its_dense_span_decodes_at_the_positions_generat
     frontend = {"type": "llava", "connector": {"merge": 1}, "vision": {"config": {"patch_size": 4}}}
     turbo = {"type": "turbo", "r": 8, "min_tokens": 0, "positions": "dense"}
     vl = tiny_model("llama", "clip_vision_model", frontend=frontend, reducers=[turbo])
-    assert vl[0].frontend.num_image_tokens() < vl[0].reducers[0].image_span()
+    assert vl[0].frontend.layout.num_image_tokens() < vl[0].reducers[0].image_span()
     calls: list[list[int]] = []
     vl[0].language_model.register_forward_pre_hook(
         lambda _, args, kwargs: calls.append(kwargs["position_ids"][0, -1:].tolist()), with_kwargs=True
@@ -188,11 +188,10 @@ def fresh_server(checkpoint):
 def test_sixteen_concurrent_clients_are_batched_and_all_correct(
     fresh_server, checkpoint, red_image, blue_image
 ):
-    from vlbridge.checkpoint import load_model
-    from vlbridge.processing import VLProcessor
+    from vlbridge.factory import load_pretrained
 
-    model, tokenizer = load_model(checkpoint)
-    vl = (model, tokenizer, VLProcessor(tokenizer, model.frontend, max_length=256))
+    model, processor = load_pretrained(checkpoint, max_length=256)
+    vl = (model, processor.tokenizer, processor)
     cases = [(QUESTIONS[i % 4], [red_image, blue_image, None][i % 3], 8 + i % 5) for i in range(16)]
     client = fresh_server.client()
 

@@ -7,8 +7,7 @@ import asyncio
 import pytest
 from serve_kit import LiveServer, server_config
 
-from vlbridge.checkpoint import load_model
-from vlbridge.processing import VLProcessor
+from vlbridge.factory import load_pretrained
 from vlbridge.serve.loadtest import markdown, run_level
 from vlbridge.serve.roofline import decode_roofline, kv_bytes_per_token, weight_bytes_per_token
 
@@ -35,14 +34,14 @@ def test_clients_measure_throughput_and_latency_without_errors(open_server):
 
 
 def test_decode_roofline_counts_bytes_and_measures_a_fraction(checkpoint):
-    model, tokenizer = load_model(checkpoint)
+    model, processor = load_pretrained(checkpoint, max_length=256)
+    tokenizer = processor.tokenizer
     lm = model.language_model
     params = sum(p.numel() for p in lm.parameters())
     embedding = lm.get_input_embeddings().weight.numel()
     assert weight_bytes_per_token(lm) == 4 * (params - embedding)  # fp32, untied: the table is not read
     # 2 layers x (K and V) x 2 KV heads x head_dim 16 x 4 bytes, per cached position
     assert kv_bytes_per_token(lm, 10) == 2 * 2 * 2 * 16 * 4 * 10
-    processor = VLProcessor(tokenizer, model.frontend, max_length=256)
     result = decode_roofline(model, tokenizer, processor, tokens=8, bandwidth_mib=64)
     assert result["memory_bandwidth_gb_s"] > 0.1 and result["decode_tokens_per_s"] > 0
     # The fraction is the measured rate over the bandwidth limit. A tiny model's weights sit in cache, so

@@ -14,7 +14,6 @@ import pytest
 import torch
 from serve_kit import LiveServer, image_message
 
-from vlbridge.checkpoint import save_model
 from vlbridge.recipe import load_recipe
 from vlbridge.serve.config import ServerConfig
 from vlbridge.training.run import build
@@ -29,9 +28,9 @@ def quickstart_server(tmp_path_factory):
     from vlbridge.data.formats import load_source
 
     torch.manual_seed(0)
-    model, tokenizer, _ = build(recipe, [load_source(recipe.data.train)], None, "cpu")
+    model, processor, _ = build(recipe, [load_source(recipe.data.train)], None, "cpu")
     path = tmp_path_factory.mktemp("quickstart") / "model"
-    save_model(model.eval(), path, tokenizer)
+    model.eval().save_pretrained(path, processor.tokenizer)
     with LiveServer(ServerConfig(checkpoint=str(path))) as live:  # no flags
         yield live
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from vlbridge.checkpoint import load_model, save_model
 from vlbridge.cli import main
+from vlbridge.factory import load_pretrained
 from vlbridge.recipe import parse_recipe
 from vlbridge.testing import tiny_model
 from vlbridge.training.stages import apply_stage
@@ -29,10 +29,10 @@ def test_merged_model_matches_base_plus_adapter(tmp_path, recipe_tree, red_image
     batch = processor([[{"role": "user", "content": "<image>\nWhat color is the circle?"}]], [[red_image]])
     with_adapter = model(**batch).logits
 
-    save_model(model, tmp_path / "adapter", tokenizer)
+    model.save_pretrained(tmp_path / "adapter", tokenizer)
     assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "merged"), "--merge-lora"]) == 0
     assert not (tmp_path / "merged" / "adapters").exists()
-    merged, _ = load_model(tmp_path / "merged")
+    merged, _ = load_pretrained(tmp_path / "merged")
     assert not merged.lora_groups()
     torch.testing.assert_close(merged(**batch).logits, with_adapter, rtol=1e-5, atol=1e-5)
     for name in ("connector", "vision_tower"):  # trained non-LoRA modules survive the merge exactly
@@ -42,5 +42,5 @@ def test_merged_model_matches_base_plus_adapter(tmp_path, recipe_tree, red_image
             strict=True,
         ):
             assert torch.equal(a, b), k
-    reloaded, _ = load_model(tmp_path / "adapter")
+    reloaded, _ = load_pretrained(tmp_path / "adapter")
     assert torch.equal(reloaded(**batch).logits, with_adapter)

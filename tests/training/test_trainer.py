@@ -8,8 +8,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from vlbridge.checkpoint import load_model
 from vlbridge.eval.after_training import evaluate_and_report
+from vlbridge.factory import load_pretrained
 from vlbridge.recipe import parse_recipe
 from vlbridge.training.checkpointing import latest_checkpoint
 from vlbridge.training.run import run_training
@@ -56,7 +56,7 @@ def test_frozen_modules_do_not_change(recipe_tree):
     tree = recipe_tree(steps=(3, 1))
     recipe = parse_recipe(tree)
     run_training(recipe)
-    model, _ = load_model(recipe.run_dir / "model")
+    model, _ = load_pretrained(recipe.run_dir / "model")
     fresh = parse_recipe(tree | {"output_dir": str(recipe.run_dir) + "-init"})
     fresh.train.stages[0].steps = 1
     fresh.train.stages[0].lr = 1e-12  # a near-no-op run gives the initial weights

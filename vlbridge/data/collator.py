@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ..processing import DropCounter, Encoded, VLProcessor, pad_batch
-from .formats import load_image
+from .io import load_image
 
 
 def encode_sample(sample: dict, processor: VLProcessor, drops: DropCounter | None = None) -> Encoded | None:
@@ -58,4 +58,4 @@ class Collator:
         kept = [e for e in encoded if e is not None]
         if not kept:
             return None
-        return pad_batch(kept, self.processor.tokenizer.pad_token_id, self.processor.frontend, side=self.side)
+        return pad_batch(kept, self.processor.tokenizer.pad_token_id, self.processor.layout, side=self.side)

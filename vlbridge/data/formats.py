@@ -7,20 +7,15 @@ the sample when something is wrong.
 
 from __future__ import annotations
 
-import base64
-import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
-from ..config import Typed
+from ..config import IMAGE_MARKER, Typed
 from ..errors import DataError
 from ..registry import DATA_FORMATS
+from .io import LazySamples, column, open_dataset, read_records
 
-IMAGE_TOKEN = "<image>"
 _LLAVA_ROLES = {
     "human": "user",
     "gpt": "assistant",
@@ -34,30 +29,6 @@ class DataSourceConfig(Typed):
     """Base of every data source section of a recipe."""
 
     limit: int | None = None
-
-
-def load_image(ref: Any, sample_id: str = "?") -> Image.Image:
-    """A PIL RGB image from a path, bytes, data URL, datasets Image dict or PIL image."""
-    if isinstance(ref, Image.Image):
-        return ref.convert("RGB")
-    if isinstance(ref, dict):  # datasets.Image() undecoded: {"bytes": ..., "path": ...}
-        ref = ref.get("bytes") or ref.get("path")
-    if isinstance(ref, str) and ref.startswith("data:"):
-        try:
-            ref = base64.b64decode(ref.split(",", 1)[1], validate=True)
-        except (IndexError, ValueError) as err:
-            raise DataError(f"sample {sample_id}: invalid base64 data URL for an image") from err
-    if not isinstance(ref, (str, bytes, Path)):
-        raise DataError(f"sample {sample_id}: no usable image reference (got {type(ref).__name__})")
-    where = "inline bytes" if isinstance(ref, bytes) else str(ref)
-    try:
-        source = io.BytesIO(ref) if isinstance(ref, bytes) else ref
-        with Image.open(source) as image:
-            return image.convert("RGB")
-    except FileNotFoundError as err:
-        raise DataError(f"sample {sample_id}: image file not found: {where}") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"sample {sample_id}: image {where} is not a readable image ({err})") from err
 
 
 def _content_to_text(content: Any, images: list, sample_id: str) -> str:
@@ -75,7 +46,7 @@ def _content_to_text(content: Any, images: list, sample_id: str) -> str:
             url = part.get("image_url", {}).get("url") if kind == "image_url" else part.get("image")
             if url is not None:
                 images.append(url)
-            pieces.append(IMAGE_TOKEN)
+            pieces.append(IMAGE_MARKER)
         else:
             raise DataError(
                 f"sample {sample_id}: unknown content part type {kind!r} (use 'text' or 'image_url')"
@@ -96,54 +67,8 @@ def normalise_messages(messages: list[dict], sample_id: str) -> tuple[list[dict]
     return out, images
 
 
-def _field(row: dict, key: str, sample_id: str) -> Any:
-    if key not in row:
-        raise DataError(f"sample {sample_id}: record has no {key!r} field; it has {', '.join(row) or 'none'}")
-    return row[key]
-
-
 def _resolve(path: str, folder: Path) -> str:
     return path if path.startswith("data:") or Path(path).is_absolute() else str(folder / path)
-
-
-class LazySamples(Sequence):
-    """Raw rows converted on access (datasets stay memory-mapped; `--limit 50` converts 50 rows).
-
-    `convert(row, index)` gets the row's non-negative index.
-    """
-
-    def __init__(self, rows: Sequence, convert) -> None:
-        self.rows, self.convert = rows, convert
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        return self.convert(self.rows[index], index)
-
-
-def _read_json_records(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    text = path.read_text()
-    jsonl = path.suffix == ".jsonl"
-    # (first line number, text) of each JSON document: every non-empty line of a JSONL file, else the file
-    chunks = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
-    chunks = chunks if jsonl else [(1, text)]
-    records: Any = []
-    for first_line, chunk in chunks:
-        try:
-            records.append(json.loads(chunk))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: invalid JSON at line {first_line + err.lineno - 1}: {err.msg}") from err
-    records = records if jsonl else records[0]
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise DataError(f"{path}: expected a list of records (JSON objects), one per sample")
-    return records
 
 
 class LlavaJsonConfig(DataSourceConfig):
@@ -160,12 +85,12 @@ def llava_json(cfg: LlavaJsonConfig) -> Sequence[dict]:
 
     def convert(row: dict, index: int) -> dict:
         sample_id = str(row.get("id", index))
-        messages, _ = normalise_messages(_field(row, "conversations", sample_id), sample_id)
+        messages, _ = normalise_messages(column(row, "conversations", f"sample {sample_id}"), sample_id)
         image = row.get("image")
         paths = [] if image is None else [image] if isinstance(image, str) else list(image)
         return {"id": sample_id, "images": [_resolve(p, folder) for p in paths], "messages": messages}
 
-    return LazySamples(_read_json_records(path), convert)
+    return LazySamples(read_records(path), convert)
 
 
 class MessagesConfig(DataSourceConfig):
@@ -182,11 +107,11 @@ def messages_json(cfg: MessagesConfig) -> Sequence[dict]:
 
     def convert(row: dict, index: int) -> dict:
         sample_id = str(row.get("id", index))
-        messages, inline = normalise_messages(_field(row, "messages", sample_id), sample_id)
+        messages, inline = normalise_messages(column(row, "messages", f"sample {sample_id}"), sample_id)
         images = [_resolve(p, folder) for p in (row.get("images") or inline)]
         return {"id": sample_id, "images": images, "messages": messages}
 
-    return LazySamples(_read_json_records(path), convert)
+    return LazySamples(read_records(path), convert)
 
 
 class HFDatasetConfig(DataSourceConfig):
@@ -200,19 +125,11 @@ class HFDatasetConfig(DataSourceConfig):
 @DATA_FORMATS.register("hf_datasets", config=HFDatasetConfig)
 def hf_dataset(cfg: HFDatasetConfig) -> Sequence[dict]:
     """A `datasets` dataset: a local `save_to_disk` dir, or a hub id when online."""
-    import datasets
-
-    if Path(cfg.path).exists():
-        ds = datasets.load_from_disk(cfg.path)
-    else:
-        ds = datasets.load_dataset(cfg.path, split=cfg.split)
-    if isinstance(ds, datasets.DatasetDict):
-        if cfg.split not in ds:
-            raise DataError(f"{cfg.path}: no split {cfg.split!r}; it has {', '.join(ds)}")
-        ds = ds[cfg.split]
-    for column in (cfg.messages_column,):
-        if column not in ds.column_names:
-            raise DataError(f"{cfg.path}: no column {column!r}; columns are {', '.join(ds.column_names)}")
+    ds = open_dataset(cfg.path, None, cfg.split)
+    if cfg.messages_column not in ds.column_names:
+        raise DataError(
+            f"{cfg.path}: no column {cfg.messages_column!r}; columns are {', '.join(ds.column_names)}"
+        )
 
     def convert(row: dict, index: int) -> dict:
         sample_id = str(row.get("id", index))

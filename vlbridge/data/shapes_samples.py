@@ -14,9 +14,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..config import IMAGE_MARKER
 from .shapes import QUESTION_TYPES, ShapesScene
 
-IMAGE_TOKEN = "<image>"
 CAPTION_PROMPTS = ("Describe the image.", "Write a short caption for the image.", "What is in the picture?")
 
 
@@ -92,7 +92,7 @@ class ShapesSamples(Sequence[dict[str, Any]]):
         messages: list[dict[str, str]] = []
         for i, (q, a, _) in enumerate(self.turns[index]):
             if i == 0:
-                q = f"{IMAGE_TOKEN}\n{q}" if self.image_first else f"{q}\n{IMAGE_TOKEN}"
+                q = f"{IMAGE_MARKER}\n{q}" if self.image_first else f"{q}\n{IMAGE_MARKER}"
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         return messages
 

@@ -19,11 +19,11 @@ from transformers import PretrainedConfig
 from ..config import FrontendConfig, ImageConfig, Strict, VisionTowerConfig
 from ..errors import ConfigError, DataError
 from ..families import family_of
-from ..image_processing import ImageProcessor
 from ..registry import FRONTENDS
-from ..vision_towers import VisionTower
+from ..vision_towers import TowerSpec
 from .adem_vl_fusion import VisualMemory, fuse, hook_block_mlps, hook_decoder_mlps, multiscale
-from .base import Frontend, probe_tower, tower_image_processor, tower_input_size
+from .base import IMAGE_TOKEN, TowerFrontend
+from .layout import ImageLayout, TowerShrink
 
 
 class TowerAdapterConfig(Strict):
@@ -105,37 +105,39 @@ def _vit_part(model: nn.Module, name: str) -> nn.Module | None:
 
 
 @FRONTENDS.register("adem_vl", config=AdemVLConfig)
-class AdemVLFrontend(Frontend):
+class AdemVLFrontend(TowerFrontend):
     """Vision tower (+ optional adapters) -> multiscale visual memory read inside every decoder layer."""
 
     config: AdemVLConfig
     fusion_kind = "deep"
     batch_state = True  # the visual memory [B, N_v, D] its decoder hooks read
 
-    def __init__(self, config: AdemVLConfig, text_config: PretrainedConfig, *, load_weights: bool = True):
-        super().__init__(config, text_config)
-        self.family = family_of(text_config.model_type)
-        self.vision_tower = VisionTower(config.vision, load_weights=load_weights)
-        size = tower_input_size(self.vision_tower, config.image)
-        self._processor = tower_image_processor(self.vision_tower, config.image, size)
-        width = self._probe_tower()
+    def __init__(self, config: AdemVLConfig, text_config: PretrainedConfig, *args, **kwargs) -> None:
+        family = family_of(text_config.model_type)  # an LLM it cannot hook is refused first
+        super().__init__(config, text_config, *args, **kwargs)
+        self.family = family
+        width = self.spec.width
         self.tower_adapters = self._build_adapters(width) if config.tower_adapters is not None else None
         self.fusion = FusionParameters(width, config.projector_dim, self.text_hidden_size, self.num_visual)
         self._memory: VisualMemory | None = None
 
-    # -- construction ----------------------------------------------------------------------
-    def _probe_tower(self) -> int:
-        """Feature width of the tower (one dummy forward); checks that every scale fits its grid."""
-        size = self._processor.size
-        features, (h, w) = probe_tower(self.vision_tower, size)
-        too_big = [s for s in self.config.scales if math.isqrt(s) > min(h, w)]
+    @classmethod
+    def image_layout(cls, config: AdemVLConfig, shrink: TowerShrink | None = None) -> ImageLayout:
+        """One ψ_cls(CLS) slot after a text prefix; checks that every scale fits the tower's grid."""
+        cls.refuse_shrink(config, shrink)
+        spec = TowerSpec.from_config(config.vision)
+        size = spec.input_size(config.image)
+        h, w = spec.grid(size)
+        too_big = [s for s in config.scales if math.isqrt(s) > min(h, w)]
         if too_big:
             raise ConfigError(
-                f"frontend.scales={self.config.scales}: {too_big} do not fit the tower's {h}x{w} feature "
+                f"frontend.scales={config.scales}: {too_big} do not fit the tower's {h}x{w} feature "
                 f"grid at frontend.image.size={size}; use scales of at most {min(h, w) ** 2} features, "
                 f"e.g. [{h * w}, {(h // 2) * (w // 2)}]"
             )
-        return features.shape[-1]
+        return ImageLayout(
+            spec.image_processor(config.image, size), IMAGE_TOKEN, (IMAGE_TOKEN,), 1, config.prefix
+        )
 
     def _build_adapters(self, width: int) -> nn.ModuleList:
         """One adapter per ViT block, run by a hook on the block's MLP (spec §2.2)."""
@@ -156,33 +158,17 @@ class AdemVLFrontend(Frontend):
         hook_decoder_mlps(language_model, self.family, self._fuse)
 
     # -- processing side -------------------------------------------------------------------
-    @property
-    def image_processor(self) -> ImageProcessor:
-        return self._processor
-
+    # -- processing side -------------------------------------------------------------------
     @property
     def num_visual(self) -> int:
         """N_v: visual features every text token can read."""
         return sum(self.config.scales)
 
-    def num_image_tokens(self, pixels: torch.Tensor | None = None) -> int:
-        return 1
-
-    def placeholder(self, pixels: torch.Tensor) -> str:
-        return self.config.prefix + self.image_token
-
     def group_paths(self) -> dict[str, str]:
-        paths = {"vision_tower": "vision_tower.model", "fusion": "fusion"}
+        paths = {**super().group_paths(), "fusion": "fusion"}
         if self.tower_adapters is not None:
             paths["tower_adapters"] = "tower_adapters"
         return paths
-
-    def resolved_config(self) -> AdemVLConfig:
-        resolved = self.config.model_copy(deep=True)
-        resolved.vision = self.vision_tower.resolved_config()
-        resolved.image.size = self.image_processor.size
-        resolved.image.mean, resolved.image.std = self.image_processor.mean, self.image_processor.std
-        return resolved
 
     # -- model side ------------------------------------------------------------------------
     def _tower_features(
@@ -193,8 +179,7 @@ class AdemVLFrontend(Frontend):
         ViTs: the selected layer through the tower's final LayerNorm (CLIP's ln_post). Without a CLS
         token (feature_select 'patch'), the mean patch feature stands in for it.
         """
-        dtype = next(self.vision_tower.parameters()).dtype
-        hidden, grid = self.vision_tower(pixel_values.to(dtype))  # [N_img, (1+)h*w, C]
+        hidden, grid = self.tower_features(pixel_values)  # [N_img, (1+)h*w, C]
         norm = _vit_part(self.vision_tower.model, "post_layernorm")
         if norm is not None:
             hidden = norm(hidden)

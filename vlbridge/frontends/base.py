@@ -3,72 +3,70 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from ..config import FrontendConfig, ImageConfig
+from ..config import FrontendConfig
 from ..errors import ConfigError, DataError
-from ..image_processing import ImageProcessor
-from ..vision_towers import VisionTower
+from ..vision_towers import TowerSpec, VisionTower
+from .layout import ImageLayout, TowerShrink
+
+IMAGE_TOKEN = "<image>"  # the placeholder token of the front-ends that fill one token per image feature
 
 
 class Frontend(nn.Module, ABC):
     """Turns images into something the LLM consumes.
 
-    Early-fusion front-ends splice embeddings into `inputs_embeds` at placeholder tokens; the
-    default `embed` does that with one `masked_scatter` after a strict count check. Deep-fusion
-    front-ends also hook into the LLM's layers in `attach`; `embed` runs before every LLM call (training
-    forward, generation prefill), so it is where they set the visual memory those hooks read.
+    The processing half is an `ImageLayout` computed from the config alone (`image_layout`); the model
+    half is this module. Early-fusion front-ends splice embeddings into `inputs_embeds` at placeholder
+    tokens; the default `embed` does that with one `masked_scatter` after a strict count check.
+    Deep-fusion front-ends also hook into the LLM's layers in `attach`; `embed` runs before every LLM call
+    (training forward, generation prefill), so it is where they set the visual memory those hooks read.
     """
 
-    image_token: str = "<image>"
     fusion_kind: Literal["early", "deep"] = "early"  # deep: images also enter inside the LLM's layers
     # True when `embed` leaves state for the LLM's layers that holds one row per sample of the batch it
     # embedded: such a batch cannot gain or lose rows mid-generation (the server runs it statically).
     batch_state: bool = False
 
-    def __init__(self, config: FrontendConfig, text_config: PretrainedConfig) -> None:
+    def __init__(
+        self,
+        config: FrontendConfig,
+        text_config: PretrainedConfig,
+        layout: ImageLayout | None = None,
+        *,
+        load_weights: bool = True,  # False: pretrained parts start random (a checkpoint fills them)
+    ) -> None:
         super().__init__()
         self.config = config
+        self.layout = layout or type(self).image_layout(config)
         self.text_hidden_size = text_config.hidden_size
         self.image_token_id: int | None = None
         self.special_token_ids: list[int] = []
 
-    # -- processing side -------------------------------------------------------------------
-    @property
+    @classmethod
     @abstractmethod
-    def image_processor(self) -> ImageProcessor:
-        """PIL -> pixel tensor for one image."""
+    def image_layout(cls, config: FrontendConfig, shrink: TowerShrink | None = None) -> ImageLayout:
+        """How one image enters the sequence under `config`, computed without building anything.
 
-    @abstractmethod
-    def num_image_tokens(self, pixels: torch.Tensor) -> int:
-        """How many placeholder tokens one processed image occupies in the LLM sequence."""
+        `shrink` is set when a tower reducer merges the tower's tokens (`image_layout(VLConfig)`); front-ends
+        that cannot take a shorter tower sequence refuse it with `refuse_shrink`.
+        """
 
     @classmethod
-    def tokens_for(cls, config: FrontendConfig) -> list[str]:
-        """Special tokens this front-end needs in the vocabulary (known before the model is built)."""
-        return [cls.image_token]
-
-    def special_tokens(self) -> list[str]:
-        return type(self).tokens_for(self.config)
+    def refuse_shrink(cls, config: FrontendConfig, shrink: TowerShrink | None) -> None:
+        if shrink is not None:
+            raise tower_reduction_refused(config.type)
 
     def bind_tokenizer(self, tokenizer) -> None:
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.special_token_ids = tokenizer.convert_tokens_to_ids(self.special_tokens())
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.layout.image_token)
+        self.special_token_ids = tokenizer.convert_tokens_to_ids(list(self.layout.special_tokens))
 
     def attach(self, language_model: nn.Module) -> None:
         """Install hooks inside the LLM (deep fusion); early-fusion front-ends need none."""
-
-    def placeholder(self, pixels: torch.Tensor) -> str:
-        """The text that stands for one processed image after `<image>` expansion."""
-        return self.image_token * self.num_image_tokens(pixels)
-
-    def collate(self, pixels: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(pixels)
 
     # -- model side ------------------------------------------------------------------------
     @abstractmethod
@@ -88,18 +86,14 @@ class Frontend(nn.Module, ABC):
         """Positions holding image content [B, T] (bool): what in-LLM reducers may route or prune."""
         return input_ids == self.image_token_id
 
-    def reduce_tower(self, patch: Callable[[VisionTower], None], reducer: str) -> int:
-        """Let a tower reducer patch this front-end's vision tower, then recount the placeholders; returns
-        the count per image before the patch (the span a reducer may keep the image's positions on).
+    def reducible_tower(self, reducer: str) -> tuple[VisionTower, int]:
+        """The vision tower a tower reducer may patch in place, and its input size.
 
-        Front-ends whose later stages need the tower's full 2-D grid (crop stitching, multiscale
-        pooling, a learned per-position embedding) or that have no tower refuse.
+        Front-ends whose later stages need the tower's full 2-D grid (crop stitching, multiscale pooling,
+        a learned per-position embedding) or that have no tower refuse (their `image_layout` refuses the
+        reducer's count too).
         """
-        raise ConfigError(
-            f"reducer {reducer!r} shortens the vision tower's token sequence, which the "
-            f"{self.config.type!r} front-end does not support; use it with the 'llava' front-end, or "
-            "use an in-LLM reducer (pmod, fastv)"
-        )
+        raise tower_reduction_refused(self.config.type)
 
     def resolved_config(self) -> FrontendConfig:
         """This front-end's config with every pretrained reference replaced by what a checkpoint holds."""
@@ -132,42 +126,48 @@ class Frontend(nn.Module, ABC):
         n_images, per_image = features.shape[:2]
         if n_slots != n_images * per_image:
             raise DataError(
-                f"image placeholder count mismatch: {n_slots} {self.image_token!r} tokens in input_ids but "
-                f"{n_images} images x {per_image} tokens = {n_images * per_image} "
+                f"image placeholder count mismatch: {n_slots} {self.layout.image_token!r} tokens in "
+                f"input_ids but {n_images} images x {per_image} tokens = {n_images * per_image} "
                 "features; build inputs with VLProcessor so each <image> expands to the front-end's token "
                 "count, and do not truncate inside an image"
             )
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1), features.reshape(-1, features.shape[-1]))
 
 
-# -- shared by front-ends built on a VisionTower ---------------------------------------------------------
-def tower_input_size(tower: VisionTower, image: ImageConfig) -> int:
-    """The tower's input side in pixels: frontend.image.size, else the one in the tower's config."""
-    size = image.size or tower.native_image_size
-    if size is None:
-        raise ConfigError(
-            f"frontend.image.size (the tower's input size) is required for a {tower.hf_config.model_type} "
-            "tower (its config has no image_size)"
-        )
-    return size
-
-
-def tower_image_processor(tower: VisionTower, image: ImageConfig, size: int) -> ImageProcessor:
-    """Images to `size` pixels, normalised as frontend.image says or else as the tower's family expects."""
-    return ImageProcessor(
-        size=size,
-        mean=image.mean or tower.family.mean,
-        std=image.std or tower.family.std,
-        resize=image.resize,
-        resample=image.resample,
+def tower_reduction_refused(frontend: str) -> ConfigError:
+    return ConfigError(
+        f"a tower reducer (turbo, tome) shortens the vision tower's token sequence, which the {frontend!r} "
+        "front-end does not support; use it with the 'llava' front-end, or use an in-LLM reducer "
+        "(pmod, fastv)"
     )
 
 
-@torch.no_grad()
-def probe_tower(tower: VisionTower, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """The tower's features [1, N, C] and grid (h, w) for one blank `size`-pixel image, run in eval mode."""
-    was_training = tower.training
-    tower.eval()
-    features, grid = tower(torch.zeros(1, 3, size, size))
-    tower.train(was_training)
-    return features, grid
+class TowerFrontend(Frontend):
+    """A front-end built on one `VisionTower` (llava, inf_llava, adem_vl): the tower, its geometry
+    (`TowerSpec`) and the resolved config live here once."""
+
+    def __init__(self, config: FrontendConfig, *args, load_weights: bool = True, **kwargs) -> None:
+        super().__init__(config, *args, **kwargs)
+        self.spec = TowerSpec.from_config(config.vision)
+        self.vision_tower = VisionTower(self.spec, load_weights=load_weights)
+
+    @property
+    def tower_size(self) -> int:
+        """The side in pixels of the images the tower sees."""
+        return self.spec.input_size(self.config.image)
+
+    def tower_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The tower's features [N, T, C] and grid (h, w), with the pixels cast to the tower's dtype."""
+        dtype = next(self.vision_tower.parameters()).dtype
+        return self.vision_tower(pixel_values.to(dtype))
+
+    def group_paths(self) -> dict[str, str]:
+        return {"vision_tower": "vision_tower.model"}
+
+    def resolved_config(self) -> FrontendConfig:
+        resolved = self.config.model_copy(deep=True)
+        resolved.vision = self.vision_tower.resolved_config()
+        resolved.image.size = self.tower_size
+        processor = self.layout.image_processor
+        resolved.image.mean, resolved.image.std = processor.mean, processor.std
+        return resolved

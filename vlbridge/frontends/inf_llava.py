@@ -13,15 +13,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
-from transformers import PretrainedConfig
 
 from ..config import ConnectorConfig, FrontendConfig, ImageConfig, VisionTowerConfig
 from ..connectors import Connector
 from ..errors import ConfigError
-from ..image_processing import ImageProcessor
 from ..registry import FRONTENDS
-from ..vision_towers import VisionTower
-from .base import Frontend, probe_tower, tower_image_processor, tower_input_size
+from ..vision_towers import TowerSpec
+from .base import IMAGE_TOKEN, TowerFrontend
 from .dual_perspective import (
     DEFAULT_HEADS,
     DEM_VARIANTS,
@@ -30,6 +28,7 @@ from .dual_perspective import (
     interleave,
     tile,
 )
+from .layout import ImageLayout, TowerShrink
 
 
 class InfLlavaConfig(FrontendConfig):
@@ -58,22 +57,26 @@ class InfLlavaConfig(FrontendConfig):
 
 
 @FRONTENDS.register("inf_llava", config=InfLlavaConfig)
-class InfLlavaFrontend(Frontend):
+class InfLlavaFrontend(TowerFrontend):
     """Vision tower + dual-perspective cropping and enhancement + connector."""
 
     config: InfLlavaConfig
 
-    def __init__(self, config: InfLlavaConfig, text_config: PretrainedConfig, *, load_weights: bool = True):
-        super().__init__(config, text_config)
-        self.vision_tower = VisionTower(config.vision, load_weights=load_weights)
-        self.base_size = tower_input_size(self.vision_tower, config.image)
-        size = config.crops_per_side * self.base_size
-        self._processor = tower_image_processor(self.vision_tower, config.image, size)
-        features, grid = probe_tower(self.vision_tower, self.base_size)  # the tower's grid g at r pixels
-        self.dem = self._build_dem(features.shape[-1])
-        tokens = grid[0] * grid[1] // config.connector.merge**2
-        self._tokens_per_image = tokens
-        self.connector = Connector(config.connector, features.shape[-1], self.text_hidden_size, tokens)
+    def __init__(self, config: InfLlavaConfig, *args, **kwargs) -> None:
+        super().__init__(config, *args, **kwargs)
+        self.dem = self._build_dem(self.spec.width)
+        tokens = self.layout.num_image_tokens()
+        self.connector = Connector(config.connector, self.spec.width, self.text_hidden_size, tokens)
+
+    @classmethod
+    def image_layout(cls, config: InfLlavaConfig, shrink: TowerShrink | None = None) -> ImageLayout:
+        """Images are processed to n*r pixels; each becomes the g² tokens of the tower's grid at r."""
+        cls.refuse_shrink(config, shrink)
+        spec = TowerSpec.from_config(config.vision)
+        base = spec.input_size(config.image)
+        h, w = spec.grid(base)
+        processor = spec.image_processor(config.image, config.crops_per_side * base)
+        return ImageLayout(processor, IMAGE_TOKEN, (IMAGE_TOKEN,), h * w // config.connector.merge**2)
 
     def _build_dem(self, channels: int) -> DualPerspectiveEnhancement:
         variant = self.config.dem_variant
@@ -86,27 +89,13 @@ class InfLlavaFrontend(Frontend):
             )
         return DEM_VARIANTS[variant](channels, self.config.crops_per_side, heads)
 
-    @property
-    def image_processor(self) -> ImageProcessor:
-        return self._processor
-
-    def num_image_tokens(self, pixels: torch.Tensor | None = None) -> int:
-        return self._tokens_per_image
-
     def group_paths(self) -> dict[str, str]:
-        return {"vision_tower": "vision_tower.model", "dem": "dem", "connector": "connector"}
-
-    def resolved_config(self) -> InfLlavaConfig:
-        resolved = self.config.model_copy(deep=True)
-        resolved.vision = self.vision_tower.resolved_config()
-        resolved.image.size = self.base_size
-        resolved.image.mean, resolved.image.std = self.image_processor.mean, self.image_processor.std
-        return resolved
+        return {**super().group_paths(), "dem": "dem", "connector": "connector"}
 
     def views(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Steps 1-2 of docs/architecture.md#inf_llava: [B, 3, H, W] -> the 2n²+1 tower inputs per image,
         [B*(2n²+1), 3, r, r] in float32: all local crops, all global sub-images, the low-resolution views."""
-        n, r = self.config.crops_per_side, self.base_size
+        n, r = self.config.crops_per_side, self.tower_size
         x = pixel_values.float()  # resizes run in float32, like the official code
         if x.shape[-2:] != (n * r, n * r):  # any input size works; the processor already gives n*r
             x = F.interpolate(x, size=(n * r, n * r), mode="bicubic", align_corners=False)
@@ -117,8 +106,7 @@ class InfLlavaFrontend(Frontend):
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Steps 2-5: one tower call, stitch, DEM, blend, connector -> [B, T_img, D]."""
         n, b = self.config.crops_per_side, pixel_values.shape[0]
-        dtype = next(self.vision_tower.parameters()).dtype
-        features, grid = self.vision_tower(self.views(pixel_values).to(dtype))  # one call: [B*(2n²+1), g², C]
+        features, grid = self.tower_features(self.views(pixel_values))  # one call: [B*(2n²+1), g², C]
         h, w = grid
         crops = features[: 2 * n * n * b].reshape(2, b, n * n, h, w, -1)  # [local|global, B, n², h, w, C]
         local, global_ = tile(crops[0], n), interleave(crops[1], n)  # [B, n*h, n*w, C]

@@ -16,13 +16,13 @@ import torch
 from PIL import Image
 from pydantic import Field, model_validator
 from torch import nn
-from transformers import PretrainedConfig
 
 from ..config import FrontendConfig
 from ..errors import ConfigError, DataError
 from ..image_processing import to_tensor
 from ..registry import FRONTENDS
 from .base import Frontend
+from .layout import ImageLayout, TowerShrink
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -91,41 +91,45 @@ class SoloImageProcessor:
         return patchify(to_tensor(image, IMAGENET_MEAN, IMAGENET_STD), self.patch_size)
 
 
-@FRONTENDS.register("solo", config=SoloConfig)
-class SoloFrontend(Frontend):
-    """`patch_proj` (W_p, d x 3P², no bias) plus four vision tokens; the only new weights besides their
-    embedding rows, which stay trainable when the LLM is LoRA-wrapped (`trained_token_ids`)."""
+@dataclass(frozen=True)
+class SoloLayout(ImageLayout):
+    """An image is its own patch grid: `<vision>` rows of `<vpatch>` joined by `<vrow_sep>`, then the end
+    token; the count depends on the image's size."""
 
-    config: SoloConfig
-    image_token = PATCH
+    end_token: str = VISION_END
 
-    def __init__(self, config: SoloConfig, text_config: PretrainedConfig, *, load_weights: bool = True):
-        # No pretrained parts: `load_weights` only completes the constructor signature VLModel uses.
-        super().__init__(config, text_config)
-        self._processor = SoloImageProcessor(config.patch_size, config.max_side)
-        self.patch_proj = nn.Linear(3 * config.patch_size**2, self.text_hidden_size, bias=False)
-        nn.init.normal_(self.patch_proj.weight, std=config.init_std)
-
-    @classmethod
-    def tokens_for(cls, config: SoloConfig) -> list[str]:
-        return [VISION_START, PATCH, ROW_SEP, VISION_END]
-
-    @property
-    def image_processor(self) -> SoloImageProcessor:
-        return self._processor
-
-    def num_image_tokens(self, pixels: torch.Tensor) -> int:
+    def num_image_tokens(self, pixels: torch.Tensor | None = None) -> int:
         """n_h·n_w patches + (n_h - 1) row separators + start and end markers (§2.4)."""
         n_h, n_w = pixels.shape[:2]
         return n_h * n_w + n_h + 1
 
     def placeholder(self, pixels: torch.Tensor) -> str:
         n_h, n_w = pixels.shape[:2]
-        return VISION_START + ROW_SEP.join([PATCH * n_w] * n_h) + self.config.end_token
+        return VISION_START + ROW_SEP.join([PATCH * n_w] * n_h) + self.end_token
 
     def collate(self, pixels: list[torch.Tensor]) -> torch.Tensor:
         """Images of any size -> all their patches in batch and raster order [N, 3·P²]."""
         return torch.cat([p.flatten(0, 1) for p in pixels])
+
+
+@FRONTENDS.register("solo", config=SoloConfig)
+class SoloFrontend(Frontend):
+    """`patch_proj` (W_p, d x 3P², no bias) plus four vision tokens; the only new weights besides their
+    embedding rows, which stay trainable when the LLM is LoRA-wrapped (`trained_token_ids`)."""
+
+    config: SoloConfig
+
+    def __init__(self, config: SoloConfig, *args, **kwargs) -> None:
+        super().__init__(config, *args, **kwargs)
+        self.patch_proj = nn.Linear(3 * config.patch_size**2, self.text_hidden_size, bias=False)
+        nn.init.normal_(self.patch_proj.weight, std=config.init_std)
+
+    @classmethod
+    def image_layout(cls, config: SoloConfig, shrink: TowerShrink | None = None) -> SoloLayout:
+        cls.refuse_shrink(config, shrink)
+        processor = SoloImageProcessor(config.patch_size, config.max_side)
+        tokens = (VISION_START, PATCH, ROW_SEP, VISION_END)
+        return SoloLayout(processor, PATCH, tokens, None, end_token=config.end_token)
 
     def trained_token_ids(self) -> list[int]:
         return self.special_token_ids
@@ -135,7 +139,7 @@ class SoloFrontend(Frontend):
 
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Patches and row separators (the image body; start/end markers stay text-like)."""
-        body = [self.image_token_id, self.special_token_ids[self.special_tokens().index(ROW_SEP)]]
+        body = [self.image_token_id, self.special_token_ids[self.layout.special_tokens.index(ROW_SEP)]]
         return torch.isin(input_ids, torch.tensor(body, device=input_ids.device))
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:

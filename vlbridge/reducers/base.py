@@ -1,7 +1,8 @@
 """The reducer interface: plug-ins that change how many visual tokens a built VLModel pays for.
 
 Two kinds exist. *Tower* reducers (Turbo, ToMe) shorten the vision tower's token sequence, so the
-front-end must agree to it (`Frontend.reduce_tower`) and recount its placeholders; they may tell
+front-end must agree to it (`Frontend.reducible_tower`), and they say from their config how many tokens
+an image keeps (`tower_tokens`, which the processor counts with); they may tell
 `VLModel.llm_inputs` where a reduced image's tokens sit and what each stands for (`image_span`,
 `image_positions`, `image_sizes`). *LLM* reducers (p-MoD, FastV) act inside decoder layers; they read
 which positions of a prompt are visual from the LLM call's `visual_mask` keyword (`reads_visual_mask`).
@@ -25,6 +26,7 @@ from ..config import ReducerConfig
 
 if TYPE_CHECKING:
     from ..modeling import VLModel
+    from ..vision_towers import TowerSpec
 
 
 class Reducer(nn.Module, ABC):
@@ -34,10 +36,17 @@ class Reducer(nn.Module, ABC):
     # layers): code that splices or pads caches row-wise (serving engines) must then refuse the model.
     aligned_cache = True
     reads_visual_mask = False  # True: the LLM call must carry the prompt's visual mask
+    shrinks_tower = False  # True: a tower reducer, which changes the tokens per image (`tower_tokens`)
 
     def __init__(self, config: ReducerConfig) -> None:
         super().__init__()
         self.config = config
+
+    @classmethod
+    def tower_tokens(cls, config: ReducerConfig, tower: TowerSpec, size: int) -> int:
+        """Tokens per image a tower reducer leaves of a `size`-pixel image, from the config alone (the
+        processor's count, `frontends/layout.image_layout`)."""
+        raise NotImplementedError(f"{cls.__name__} does not shorten the vision tower")
 
     @abstractmethod
     def attach(self, model: VLModel) -> None:

@@ -25,11 +25,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
-from torch import nn
 
 from ..config import ReducerConfig
 from ..errors import ConfigError
-from ..vision_towers import VisionTower
+from ..vision_towers import TowerSpec, VisionTower
 from . import size_bias
 from .base import Reducer
 from .merge import token_trajectory
@@ -88,21 +87,73 @@ class TokenMergeConfig(ReducerConfig):
             )
         return self
 
+    def ranking(self) -> tuple[float, float, float]:
+        """(λ, β, γ) of the merge ranking; Turbo's config overrides (ToMe: λ = 0)."""
+        return 0.0, 1.0, 0.0
+
+    def schedule(self, tower: TowerSpec) -> Callable[[int], MergeSchedule]:
+        """n (tokens entering block 0) -> the forward's MergeSchedule; fixed unless a token target is set."""
+        blocks = mergeable_blocks(tower, self.type)
+        merging = feature_block_count(tower, self.type)
+        protected, dropped = int(tower.family.has_cls), cls_dropped(tower)
+        if self.first_blocks is not None:
+            if self.first_blocks > blocks:
+                raise ConfigError(
+                    f"{self.type}.first_blocks={self.first_blocks} but the vision tower has only {blocks} "
+                    f"encoder blocks; set it to at most {blocks}"
+                )
+            merging = min(merging, self.first_blocks)
+        if self.tokens is None:
+            span = self.first_blocks or blocks
+            r = per_block_r(self.r, self.inflect, span, self.type) + [0] * (blocks - span)
+            fixed = self._with_lam([v if i < merging else 0 for i, v in enumerate(r)])
+            return lambda n: fixed
+        cache: dict[int, MergeSchedule] = {}
+
+        def for_tokens(n: int) -> MergeSchedule:
+            if n not in cache:
+                target = self.tokens + dropped
+                spread = spread_budget(n, target, merging, protected, self.min_tokens, self.type)
+                cache[n] = self._with_lam(spread + [0] * (blocks - merging))
+            return cache[n]
+
+        return for_tokens
+
+    def tokens_after(self, tower: TowerSpec, size: int) -> int:
+        """Tokens per image the merged tower returns for a `size`-pixel image, from the schedule alone."""
+        n = tower.sequence(size)
+        r = self.schedule(tower)(n).r[: feature_block_count(tower, self.type)]
+        left = token_trajectory(n, r, protected=int(tower.family.has_cls), min_tokens=self.min_tokens)[-1]
+        return left - cls_dropped(tower)
+
+    def _with_lam(self, r: list[int]) -> MergeSchedule:
+        """λ_l = β^|γ − t_l|·λ, t_l = blocks before l with a scheduled merge (official BLIP counting, §10)."""
+        lam, beta, gamma = self.ranking()
+        before = [sum(1 for v in r[:i] if v > 0) for i in range(len(r))]
+        return MergeSchedule(r=tuple(r), lam=tuple(lam * beta ** abs(gamma - t) for t in before))
+
 
 class TokenMerging(Reducer):
     """Patches the front-end's vision tower so that every encoder block merges tokens (spec §10)."""
 
     config: TokenMergeConfig
+    shrinks_tower = True
 
     def __init__(self, config: TokenMergeConfig) -> None:
         super().__init__(config)
         self.merger: TowerMerger | None = None
         self._meter: Callable[[], Any] = lambda: None
 
+    @classmethod
+    def tower_tokens(cls, config: TokenMergeConfig, tower: TowerSpec, size: int) -> int:
+        return config.tokens_after(tower, size)
+
     def attach(self, model: VLModel) -> None:
         owner = weakref.ref(model)
         self._meter = lambda: getattr(owner(), "meter", None)
-        self._dense = model.frontend.reduce_tower(self._patch, self.config.type)
+        tower, size = model.frontend.reducible_tower(self.config.type)
+        self._dense = tower.spec.tokens(size)
+        self._patch(tower)
         if self.config.llm_proportional:
             size_bias.install(model, self.config.type)
 
@@ -120,70 +171,36 @@ class TokenMerging(Reducer):
         sizes = self.merger.output_sizes() if self.config.llm_proportional else None
         return None if sizes is None else sizes[:, self._dropped :]
 
-    # Turbo and ToMe differ only here.
-    def lam(self) -> tuple[float, float, float]:
-        """(λ, β, γ)."""
-        return 0.0, 1.0, 0.0
-
-    def semantic_value(self, tower: VisionTower) -> SemanticValue | None:
+    def semantic_value(self, tower: TowerSpec) -> SemanticValue | None:
+        """How merges are ranked besides redundancy (Turbo overrides; ToMe: none)."""
         return None
 
     def _patch(self, tower: VisionTower) -> None:
-        layers = encoder_blocks(tower, self.config.type)
-        output = feature_block_count(tower, len(layers), self.config.type)
-        protected = int(tower.family.has_cls)
-        self._dropped = protected if tower.cfg.feature_select == "patch" else 0  # CLS never reaches the LLM
+        spec = tower.spec
+        layers = tower.model.get_submodule(ENCODER_BLOCKS[spec.hf_config.model_type])
+        protected = int(spec.family.has_cls)
+        self._dropped = cls_dropped(spec)  # CLS never reaches the LLM
         self.merger = TowerMerger(
             blocks=len(layers),
-            schedule_for=self._schedule_builder(tower, len(layers), output, protected),
+            schedule_for=self.config.schedule(spec),
             protected=protected,
             min_tokens=self.config.min_tokens,
             proportional=self.config.proportional,
-            semantic=self.semantic_value(tower) if self.lam()[0] > 0 else None,
-            output_block=output - 1,
+            semantic=self.semantic_value(spec) if self.config.ranking()[0] > 0 else None,
+            output_block=feature_block_count(spec, self.config.type) - 1,
             raster_order=self.config.order == "raster",
             meter=self._meter,
         )
         patch_encoder(layers, self.merger)
 
-    def _schedule_builder(
-        self, tower: VisionTower, blocks: int, merging: int, protected: int
-    ) -> Callable[[int], MergeSchedule]:
-        """n (tokens entering block 0) -> the forward's MergeSchedule; fixed unless a token target is set."""
-        cfg = self.config
-        span = blocks
-        if cfg.first_blocks is not None:
-            if cfg.first_blocks > blocks:
-                raise ConfigError(
-                    f"{cfg.type}.first_blocks={cfg.first_blocks} but the vision tower has only {blocks} "
-                    f"encoder blocks; set it to at most {blocks}"
-                )
-            span = cfg.first_blocks
-            merging = min(merging, span)
-        if cfg.tokens is None:
-            r = per_block_r(cfg.r, cfg.inflect, span, cfg.type) + [0] * (blocks - span)
-            fixed = self._with_lam([v if i < merging else 0 for i, v in enumerate(r)])
-            return lambda n: fixed
-        cache: dict[int, MergeSchedule] = {}
 
-        def for_tokens(n: int) -> MergeSchedule:
-            if n not in cache:
-                target = cfg.tokens + self._dropped
-                spread = spread_budget(n, target, merging, protected, cfg.min_tokens, cfg.type)
-                cache[n] = self._with_lam(spread + [0] * (blocks - merging))
-            return cache[n]
-
-        return for_tokens
-
-    def _with_lam(self, r: list[int]) -> MergeSchedule:
-        """λ_l = β^|γ − t_l|·λ, t_l = blocks before l with a scheduled merge (official BLIP counting, §10)."""
-        lam, beta, gamma = self.lam()
-        before = [sum(1 for v in r[:i] if v > 0) for i in range(len(r))]
-        return MergeSchedule(r=tuple(r), lam=tuple(lam * beta ** abs(gamma - t) for t in before))
+def cls_dropped(tower: TowerSpec) -> int:
+    """1 when the tower's CLS token is in its encoder sequence but not in what the front-end reads."""
+    return int(tower.family.has_cls and tower.cfg.feature_select == "patch")
 
 
-def encoder_blocks(tower: VisionTower, reducer: str) -> nn.ModuleList:
-    """The tower's encoder blocks, or a ConfigError naming the towers token merging supports."""
+def mergeable_blocks(tower: TowerSpec, reducer: str) -> int:
+    """The tower's encoder block count, or a ConfigError naming the towers token merging supports."""
     model_type = tower.hf_config.model_type
     if model_type not in ENCODER_BLOCKS:
         raise ConfigError(
@@ -191,19 +208,16 @@ def encoder_blocks(tower: VisionTower, reducer: str) -> nn.ModuleList:
             f"it supports (supported: {', '.join(ENCODER_BLOCKS)}); use a CLIP or SigLIP tower, or an "
             "in-LLM reducer (pmod, fastv)"
         )
-    return tower.model.get_submodule(ENCODER_BLOCKS[model_type])
+    return tower.depth
 
 
-def feature_block_count(tower: VisionTower, blocks: int, reducer: str) -> int:
+def feature_block_count(tower: TowerSpec, reducer: str) -> int:
     """How many encoder blocks run before the front-end's feature layer (hidden_states[feature_layer])."""
-    layer = tower.cfg.feature_layer
-    if not -(blocks + 1) <= layer <= blocks:
-        raise ConfigError(f"vision.feature_layer={layer} is outside the tower's {blocks + 1} hidden states")
-    merging = layer % (blocks + 1)
+    merging = tower.feature_state
     if merging == 0:
         raise ConfigError(
-            f"reducer {reducer!r}: vision.feature_layer={layer} selects the patch embeddings, before any "
-            "encoder block, so there is nothing to merge; select a later layer"
+            f"reducer {reducer!r}: vision.feature_layer={tower.cfg.feature_layer} selects the patch "
+            "embeddings, before any encoder block, so there is nothing to merge; select a later layer"
         )
     return merging
 

@@ -11,7 +11,7 @@ from pydantic import Field, NonNegativeInt
 
 from ..errors import ConfigError
 from ..registry import REDUCERS
-from ..vision_towers import VisionTower
+from ..vision_towers import TowerSpec
 from .token_merging import TokenMergeConfig, TokenMerging
 from .tower_merge import SEMANTIC_VALUES, SemanticValue
 
@@ -27,6 +27,9 @@ class TurboConfig(TokenMergeConfig):
     semantic: Literal["auto", "cls", "mean_received", "none"] = "auto"
     min_tokens: NonNegativeInt = 40
 
+    def ranking(self) -> tuple[float, float, float]:
+        return self.lam, self.beta, self.gamma
+
 
 @REDUCERS.register("turbo", config=TurboConfig)
 class Turbo(TokenMerging):
@@ -34,10 +37,7 @@ class Turbo(TokenMerging):
 
     config: TurboConfig
 
-    def lam(self) -> tuple[float, float, float]:
-        return self.config.lam, self.config.beta, self.config.gamma
-
-    def semantic_value(self, tower: VisionTower) -> SemanticValue | None:
+    def semantic_value(self, tower: TowerSpec) -> SemanticValue | None:
         name = self.config.semantic
         if name == "auto":
             name = "cls" if tower.family.has_cls else "mean_received"

@@ -15,14 +15,14 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from rich.console import Console
 
-from ..checkpoint import load_model, save_model
 from ..data.formats import load_source
 from ..errors import ConfigError
+from ..factory import build as build_model
+from ..factory import load_pretrained
 from ..modeling import VLModel
 from ..processing import VLProcessor
 from ..recipe import Recipe, dump_recipe
-from ..registry import FRONTENDS
-from ..tokenization import add_frontend_tokens, load_tokenizer
+from ..tokenization import load_tokenizer
 from .checkpointing import TrainerState, latest_checkpoint, load_state
 from .trainer import Trainer
 
@@ -62,31 +62,29 @@ def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> None:
     dump_recipe(recipe, run_dir / "recipe.yaml")
 
 
-def training_texts(datasets: list) -> list[str]:
-    """Every message of every sample, for training a tokenizer; sources that can list their conversations
-    without loading images (`messages(i)`, e.g. shapes) are not made to render them."""
+def training_texts(datasets: list, image_token: str) -> list[str]:
+    """Every message of every sample with its image markers blanked, for training a tokenizer; sources that
+    can list their conversations without loading images (`messages(i)`, e.g. shapes) are not made to
+    render them."""
     texts = []
     for samples in datasets:
         read = getattr(samples, "messages", None) or (lambda i, samples=samples: samples[i]["messages"])
-        texts += [m["content"].replace("<image>", " ") for i in range(len(samples)) for m in read(i)]
+        texts += [m["content"].replace(image_token, " ") for i in range(len(samples)) for m in read(i)]
     return texts
 
 
 def build(recipe: Recipe, stage_data: list, resume_from: Path | None, device: str):
-    """(model, tokenizer, state): fresh from the recipe, or exactly as the checkpoint left them.
+    """(model, processor, state): fresh from the recipe, or exactly as the checkpoint left them.
 
     Weights are fp32 masters whatever the device; on GPU, accelerate runs the math under bf16 autocast.
     """
     if resume_from is not None:
-        model, tokenizer = load_model(resume_from, device=device, dtype=torch.float32)
-        return model, tokenizer, load_state(resume_from)
-    tokenizer = load_tokenizer(recipe.tokenizer, training_texts(stage_data))
-    add_frontend_tokens(
-        tokenizer, FRONTENDS.get(recipe.model.frontend.type).tokens_for(recipe.model.frontend)
-    )
+        model, processor = load_pretrained(resume_from, device=device, dtype=torch.float32)
+        return model, processor, load_state(resume_from)
+    tokenizer = load_tokenizer(recipe.tokenizer, training_texts(stage_data, recipe.model.image_token))
     torch.manual_seed(recipe.seed)
-    model = VLModel.from_config(recipe.model, tokenizer, device=device, dtype=torch.float32)
-    return model, tokenizer, TrainerState()
+    model, processor = build_model(recipe.model, tokenizer, device=device, dtype=torch.float32)
+    return model, processor, TrainerState()
 
 
 def run_training(
@@ -109,8 +107,7 @@ def run_training(
     resume_from = latest_checkpoint(run_dir) if resume else None
     train_data = load_source(recipe.data.train)
     stage_data = [load_source(s.data) if s.data is not None else train_data for s in recipe.train.stages]
-    model, tokenizer, state = build(recipe, stage_data, resume_from, str(accelerator.device))
-    processor = VLProcessor(tokenizer, model.frontend, max_length=recipe.model.max_length)
+    model, processor, state = build(recipe, stage_data, resume_from, str(accelerator.device))
     trainer = Trainer(recipe, model, processor, stage_data, accelerator, console)
     state = trainer.train(state, resume_from)
     model = accelerator.unwrap_model(trainer.model)
@@ -123,7 +120,7 @@ def run_training(
     }
     if not accelerator.is_main_process:
         return summary
-    save_model(model, run_dir / MODEL_DIR, tokenizer)
+    model.save_pretrained(run_dir / MODEL_DIR, processor.tokenizer)
     if trainer.drops.total:
         console.print(
             f"[yellow]dropped {trainer.drops.total} over-long training samples: {trainer.drops.counts}"
