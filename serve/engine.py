@@ -288,7 +288,7 @@ class Engine:
         cache = DynamicCache()
         out = self.lm(**with_cache(self.lm, cache, **inputs.kwargs()), use_cache=True, logits_to_keep=1)
         shift = inputs.position_ids[:, -1] - (mask.sum(-1) - 1)
-        return out.logits[:, -1], KVBatch(cache, mask, shift, inputs.key_bias)
+        return out.logits[:, -1], KVBatch(cache, mask, shift, inputs.key_bias, inputs.frontend_kwargs)
 
     def _step(self) -> None:
         """One decode step for every running row."""
@@ -297,6 +297,7 @@ class Engine:
             **with_cache(self.lm, self._kv.cache, input_ids=self._last[:, None], attention_mask=mask),
             position_ids=positions,
             **key_bias_kwargs(self._kv.bias),
+            **self._kv.call_kwargs,
             use_cache=True,
         )
         live = sum(not r.done for r in self._rows)

@@ -7,7 +7,7 @@ what it would see alone (the padding is masked out), whatever joins or leaves ar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,9 @@ class KVBatch:
     mask: torch.Tensor
     shift: torch.Tensor  # [B]
     bias: torch.Tensor | None = None
+    # keywords every step's LLM call repeats (a deep-fusion front-end's per-row memory); such a batch is
+    # static: its rows never join or leave another's
+    call_kwargs: dict = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -38,6 +41,7 @@ class KVBatch:
 
     def merge(self, other: KVBatch) -> KVBatch:
         """This batch's rows followed by `other`'s, left-padded to the longer cache."""
+        self._refuse_row_changes()
         width = max(self.mask.shape[1], other.mask.shape[1])
         for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
             mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
@@ -48,11 +52,19 @@ class KVBatch:
         self.shift = torch.cat([self.shift, other.shift])
         return self
 
+    def _refuse_row_changes(self) -> None:
+        if self.call_kwargs:
+            raise RuntimeError(
+                f"this batch carries per-row call keywords ({', '.join(self.call_kwargs)}): its rows are "
+                "tied together until it ends, so the engine must run it as a static batch"
+            )
+
     def _bias_or_zeros(self) -> torch.Tensor:
         return self.bias if self.bias is not None else torch.zeros(self.mask.shape, device=self.mask.device)
 
     def select(self, keep: list[int]) -> KVBatch:
         """Only rows `keep` (in that order), then drop leading columns that are padding in every row."""
+        self._refuse_row_changes()
         index = torch.tensor(keep, device=self.mask.device)
         self.mask, self.shift = self.mask.index_select(0, index), self.shift.index_select(0, index)
         first = int(self.mask.any(0).nonzero()[0]) if self.mask.numel() else 0

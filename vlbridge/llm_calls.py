@@ -30,6 +30,8 @@ ROPE = "position_embeddings"  # (cos, sin), computed once per call by the decode
 # to the keys' logits; in-LLM reducers (p-MoD, FastV) read which tokens are visual from VISUAL_MASK.
 KEY_BIAS = "key_bias"
 VISUAL_MASK = "visual_mask"
+# A deep-fusion front-end's per-prompt state (ADEM-VL's visual memory), read by its hooks in every layer.
+VISUAL_MEMORY = "visual_memory"
 
 
 class ContractError(RuntimeError):

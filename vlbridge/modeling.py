@@ -68,12 +68,13 @@ class LLMInputs:
     image_hidden_states: torch.Tensor | None  # the front-end's output per image [N_img, V, D]
     visual_mask: torch.Tensor | None  # [B, T] bool, where in-LLM reducers read which tokens are visual
     key_bias: torch.Tensor | None  # [B, T] log size of merged visual tokens, for the size bias
+    frontend_kwargs: dict[str, Any]  # what a deep-fusion front-end's hooks read in every call (decode too)
 
-    def plugin_kwargs(self) -> dict[str, torch.Tensor]:
+    def plugin_kwargs(self) -> dict[str, Any]:
         """vlbridge's own keywords of the LLM call, which transformers hands down to the decoder layers and
         the attention function, where the plug-ins inside the LLM read them."""
         given = {VISUAL_MASK: self.visual_mask, KEY_BIAS: self.key_bias}
-        return {name: value for name, value in given.items() if value is not None}
+        return {**{name: value for name, value in given.items() if value is not None}, **self.frontend_kwargs}
 
     def kwargs(self) -> dict[str, Any]:
         """The keyword arguments of the LLM call."""
@@ -184,14 +185,15 @@ class VLModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         token_embeds = self.language_model.get_input_embeddings()(input_ids)
-        inputs_embeds, images = self.frontend.embed(input_ids, token_embeds, pixel_values)
+        embedded = self.frontend.embed(input_ids, token_embeds, pixel_values)
         visual = self.frontend.visual_mask(input_ids)
         routed = any(reducer.reads_visual_mask for reducer in self.reducers) and bool(visual.any())
         return LLMInputs(
-            inputs_embeds=inputs_embeds,
+            inputs_embeds=embedded.inputs_embeds,
             attention_mask=attention_mask,
             position_ids=self._image_positions(input_ids, attention_mask, visual),
-            image_hidden_states=images,
+            image_hidden_states=embedded.image_hidden_states,
+            frontend_kwargs=embedded.call_kwargs,
             visual_mask=visual if routed else None,
             key_bias=self._key_bias(input_ids, visual),
         )

@@ -18,7 +18,7 @@ from vlbridge.errors import ConfigError, DataError
 from vlbridge.factory import load_pretrained
 from vlbridge.frontends.adem_vl import AdemVLConfig, AdemVLFrontend
 from vlbridge.frontends.adem_vl_fusion import VisualMemory, adaptive_drop, drop_count, fuse, multiscale
-from vlbridge.llm_calls import returned_cache
+from vlbridge.llm_calls import VISUAL_MEMORY, returned_cache
 from vlbridge.modeling import build_llm
 from vlbridge.processing import pad_batch
 from vlbridge.recipe import LoRASettings, StageConfig, load_recipe
@@ -53,6 +53,13 @@ def expected_trainable(cfg: AdemVLConfig, width: int, blocks: int, hidden: int) 
     adapters = blocks * 2 * width * cfg.tower_adapters.dim if cfg.tower_adapters else 0
     projector = width * cfg.projector_dim + cfg.projector_dim + cfg.projector_dim * hidden + hidden
     return adapters + 2 * projector + 2 * sum(cfg.scales) * hidden
+
+
+def memory_of(model, batch: dict) -> VisualMemory:
+    """The visual memory `VLModel.llm_inputs` hands to every LLM call over `batch`."""
+    with torch.no_grad():
+        inputs = model.llm_inputs(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    return inputs.frontend_kwargs[VISUAL_MEMORY]
 
 
 def hand_memory(model, pixel_values: torch.Tensor, batch_rows: torch.Tensor, n_rows: int):
@@ -172,9 +179,10 @@ def test_ties_at_the_threshold_are_kept():
 def test_kept_sets_differ_between_layers(red_image):
     model, _, processor = build()
     records = record_fusion(model)
+    inputs = processor([chat("What color is the circle?")], [[red_image]])
     with torch.no_grad():
-        model(**processor([chat("What color is the circle?")], [[red_image]]))
-        keys = model.frontend._memory.keys
+        model(**inputs)
+        keys = memory_of(model, inputs).keys
         masks = [adaptive_drop(F.silu(r["u"]) @ keys.transpose(1, 2), 0.1) != 0 for r in records]
     assert all((m.sum(-1) == 18).all() for m in masks)
     assert not torch.equal(masks[0], masks[1])
@@ -197,8 +205,8 @@ def test_multiscale_keeps_the_grid_and_pools_2x2_blocks():
 
 def test_visual_memory_has_sum_of_scales_rows(red_image):
     model, _, processor = build("llama", "resnet", scales=[64, 16, 4])  # CNN: an 8x8 map
-    model(**processor([chat("What color is the circle?")], [[red_image]]))
-    assert model.frontend._memory.keys.shape == (1, 84, 64)
+    inputs = processor([chat("What color is the circle?")], [[red_image]])
+    assert memory_of(model, inputs).keys.shape == (1, 84, 64)
     assert model.frontend.fusion.key_offset.shape == model.frontend.fusion.value_offset.shape == (84, 64)
 
 
@@ -304,14 +312,14 @@ def test_feature_dropped_everywhere_gets_zero_gradient(red_image):
     j = 7
     with torch.no_grad():  # SiLU's minimum in every channel: feature j scores lowest for every token
         model.frontend.fusion.key_offset[j] = -1.2785
+    batch = train_batch((model, tokenizer, processor), [red_image, red_image])
+    keys = memory_of(model, batch).keys
     psi_out = []
     model.frontend.fusion.psi.register_forward_hook(
         lambda m, a, out: psi_out.append(out) or out.retain_grad()
     )
     records = record_fusion(model)
-    batch = train_batch((model, tokenizer, processor), [red_image, red_image])
     model(**batch).loss.backward()
-    keys = model.frontend._memory.keys.detach()
     for r in records:  # the premise: j is dropped for every token in every layer
         assert not (adaptive_drop(F.silu(r["u"]) @ keys.transpose(1, 2), 0.1)[..., j] != 0).any()
     fusion = model.frontend.fusion
@@ -446,10 +454,9 @@ def test_gradient_checkpointing_recomputes_with_the_same_memory(red_image, blue_
         )
     for plain, recomputed in zip(*grads, strict=True):
         torch.testing.assert_close(recomputed, plain, atol=1e-6, rtol=1e-5)
-    loss = model(**batch).loss
-    model.frontend._memory = None  # backward re-runs the decoder layers, hooks included
-    with pytest.raises(DataError, match="before any visual memory was set"):
-        loss.backward()
+    inputs = model.llm_inputs(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    with pytest.raises(DataError, match="without the visual memory"):  # the bare LLM has no memory
+        model.language_model(inputs_embeds=inputs.inputs_embeds, attention_mask=batch["attention_mask"])
 
 
 # -- errors ---------------------------------------------------------------------------------------------
@@ -463,7 +470,7 @@ def test_more_than_one_image_per_sample_is_a_data_error(red_image, blue_image):
 def test_calling_the_bare_llm_before_embed_is_an_error():
     model, _, _ = build()
     ids = torch.tensor([[5, 6, 7]])
-    with pytest.raises(DataError, match="before any visual memory was set.*VLModel.forward"):
+    with pytest.raises(DataError, match="without the visual memory.*VLModel.forward"):
         model.language_model(input_ids=ids)
 
 

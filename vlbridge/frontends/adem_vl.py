@@ -19,10 +19,11 @@ from transformers import PretrainedConfig
 from ..config import FrontendConfig, ImageConfig, Strict, VisionTowerConfig
 from ..errors import ConfigError, DataError
 from ..families import family_of
+from ..llm_calls import VISUAL_MEMORY
 from ..registry import FRONTENDS
 from ..vision_towers import TowerSpec
 from .adem_vl_fusion import VisualMemory, fuse, hook_block_mlps, hook_decoder_mlps, multiscale
-from .base import IMAGE_TOKEN, TowerFrontend
+from .base import IMAGE_TOKEN, Embedded, TowerFrontend
 from .layout import ImageLayout, TowerShrink
 
 
@@ -119,7 +120,6 @@ class AdemVLFrontend(TowerFrontend):
         width = self.spec.width
         self.tower_adapters = self._build_adapters(width) if config.tower_adapters is not None else None
         self.fusion = FusionParameters(width, config.projector_dim, self.text_hidden_size, self.num_visual)
-        self._memory: VisualMemory | None = None
 
     @classmethod
     def image_layout(cls, config: AdemVLConfig, shrink: TowerShrink | None = None) -> ImageLayout:
@@ -192,28 +192,25 @@ class AdemVLFrontend(TowerFrontend):
         cls, _, _ = self._tower_features(pixel_values)
         return self.fusion.psi_cls(cls)[:, None]
 
-    def embed(
-        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, pixel_values
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Splice ψ_cls(CLS) at each placeholder and set the visual memory the decoder hooks read; the image
+    def embed(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, pixel_values) -> Embedded:
+        """Splice ψ_cls(CLS) at each placeholder and make the visual memory the decoder hooks read (the
+        `visual_memory` keyword of every LLM call over these prompts, decode steps included); the image
         embeddings returned are that memory's prompts, β·ψ(P_ms) [N_img, N_v, D].
 
-        V = β·ind·ψ(P_ms) per row of `input_ids` (spec §2.4): rows without a placeholder get V = 0. The
-        memory stays set until the next call, for generation's decode steps and checkpoint recomputation.
+        V = β·ind·ψ(P_ms) per row of `input_ids` (spec §2.4): rows without a placeholder get V = 0.
         """
         batch = input_ids.shape[0]
         visual = inputs_embeds.new_zeros(batch, self.num_visual, self.text_hidden_size)  # [B, N_v, D]
         projected = None
         if pixel_values is None or len(pixel_values) == 0:
-            inputs_embeds, _ = super().embed(input_ids, inputs_embeds, None)  # refuses stray placeholders
+            inputs_embeds = super().embed(input_ids, inputs_embeds, None).inputs_embeds  # refuses stray ones
         else:
             cls, patches, grid = self._tower_features(pixel_values)
             inputs_embeds = self.scatter(input_ids, inputs_embeds, self.fusion.psi_cls(cls)[:, None])
             prompts = multiscale(patches, grid, self.config.scales)  # [N_img, N_v, C]
             projected = self.config.beta * self.fusion.psi(prompts)  # [N_img, N_v, D]
             visual = visual.index_put((self._image_rows(input_ids),), projected.to(visual.dtype))
-        self._memory = self.fusion.memory(visual)
-        return inputs_embeds, projected
+        return Embedded(inputs_embeds, projected, {VISUAL_MEMORY: self.fusion.memory(visual)})
 
     def _image_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The batch row of each image, in pixel order (images follow their samples' order)."""
@@ -226,12 +223,12 @@ class AdemVLFrontend(TowerFrontend):
             )
         return per_row.nonzero().flatten()
 
-    def _fuse(self, u: torch.Tensor) -> torch.Tensor:
+    def _fuse(self, u: torch.Tensor, memory: VisualMemory | None) -> torch.Tensor:
         """The term every decoder hook adds next to mlp(u): [B, T, D]."""
-        if self._memory is None:
+        if memory is None:
             raise DataError(
-                "adem_vl's decoder hooks ran before any visual memory was set; call the model through "
-                "VLModel.forward / generate (its embed step sets the memory), not the bare LLM"
+                "adem_vl's decoder hooks ran in an LLM call without the visual memory; call the model "
+                "through VLModel.forward / generate (they pass the `visual_memory` keyword), not the bare LLM"
             )
-        keys, values = self._memory.for_batch(u.shape[0])
+        keys, values = memory.for_batch(u.shape[0])
         return fuse(u, keys, values, self.config.gamma, self.config.alpha)

@@ -17,8 +17,10 @@ from torch import nn
 
 from ..errors import DataError
 from ..families import Family
+from ..llm_calls import VISUAL_MEMORY
 
-Delta = Callable[[torch.Tensor], torch.Tensor]
+# (MLP input u [B, T, D], the visual memory of the LLM call) -> the term added beside mlp(u)
+Delta = Callable[[torch.Tensor, "VisualMemory | None"], torch.Tensor]
 
 
 def drop_count(gamma: float, num_visual: int) -> int:
@@ -93,20 +95,25 @@ class VisualMemory:
 
 
 def hook_decoder_mlps(language_model: nn.Module, family: Family, delta: Delta) -> None:
-    """Add `delta(u)` to every decoder layer's MLP branch, u being the MLP input (spec §7).
+    """Add `delta(u, memory)` to every decoder layer's MLP branch, u being the MLP input (spec §7).
 
-    Plain families: a forward hook on `mlp` returns mlp(u) + delta(u). Families that normalise the MLP
-    output before the residual add (Gemma-2/3): a pre-hook on `mlp` captures u, and delta(u) is added
-    to the output of the post-MLP norm. The LLM gains no parameters and no modules.
+    The memory is the `visual_memory` keyword of the LLM call, which transformers hands to every decoder
+    layer; a pre-hook on the layer takes it at each call (None when the call has none), and it stays
+    there for activation checkpointing's recomputation of that call in backward. Plain families: a
+    forward hook on `mlp` returns mlp(u) + delta(u, memory). Families that normalise the MLP output
+    before the residual add (Gemma-2/3): a pre-hook on `mlp` captures u, and the term is added to the
+    output of the post-MLP norm. The LLM gains no parameters and no modules.
     """
     for layer in language_model.get_submodule(family.layers):
+        tap = _LayerTap(delta)
+        layer.register_forward_pre_hook(tap.enter, with_kwargs=True)
         mlp = layer.get_submodule(family.mlp)
         if family.post_mlp_norm is None:
-            mlp.register_forward_hook(_add_to_output(delta, lambda args: args[0]))
+            mlp.register_forward_hook(_add_to_output(tap.term, lambda args: args[0]))
         else:
-            tap = _InputTap()
             mlp.register_forward_pre_hook(tap.capture)
-            layer.get_submodule(family.post_mlp_norm).register_forward_hook(_add_to_output(delta, tap.take))
+            norm = layer.get_submodule(family.post_mlp_norm)
+            norm.register_forward_hook(_add_to_output(tap.term, tap.take))
 
 
 def hook_block_mlps(blocks: Iterable[nn.Module], adapters: Iterable[nn.Module]) -> None:
@@ -115,18 +122,27 @@ def hook_block_mlps(blocks: Iterable[nn.Module], adapters: Iterable[nn.Module]) 
         block.mlp.register_forward_hook(_add_to_output(adapter, lambda args: args[0]))
 
 
-def _add_to_output(delta: Delta, query: Callable[[tuple], torch.Tensor]):
+def _add_to_output(delta: Callable[[torch.Tensor], torch.Tensor], query: Callable[[tuple], torch.Tensor]):
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         return output + delta(query(args)).to(output.dtype)
 
     return hook
 
 
-class _InputTap:
-    """One layer's MLP input, held from the pre-hook on `mlp` to the hook on the post-MLP norm."""
+class _LayerTap:
+    """What one decoder layer's hooks share: its latest call's visual memory and, for
+    post-MLP-norm families, the MLP input from the pre-hook on `mlp` to the hook on the norm."""
 
-    def __init__(self) -> None:
+    def __init__(self, delta: Delta) -> None:
+        self.delta = delta
+        self.memory: VisualMemory | None = None
         self.u: torch.Tensor | None = None
+
+    def term(self, u: torch.Tensor) -> torch.Tensor:
+        return self.delta(u, self.memory)
+
+    def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.memory = kwargs.get(VISUAL_MEMORY)
 
     def capture(self, module: nn.Module, args: tuple) -> None:
         self.u = args[0]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -13,6 +14,18 @@ from ..config import FrontendConfig
 from ..errors import ConfigError, DataError
 from ..vision_towers import TowerSpec, VisionTower
 from .layout import ImageLayout, TowerShrink
+
+
+@dataclass
+class Embedded:
+    """What a front-end makes of a tokenized prompt and its images, for one LLM call."""
+
+    inputs_embeds: torch.Tensor  # [B, T, D], images spliced in
+    image_hidden_states: torch.Tensor | None = None  # the images' embeddings [N_img, T_img, D]
+    # keywords of every LLM call over these prompts (decode steps included) that a deep-fusion
+    # front-end's hooks read inside the layers (`llm_calls.VISUAL_MEMORY`)
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
+
 
 IMAGE_TOKEN = "<image>"  # the placeholder token of the front-ends that fill one token per image feature
 
@@ -99,11 +112,8 @@ class Frontend(nn.Module, ABC):
         """This front-end's config with every pretrained reference replaced by what a checkpoint holds."""
         return self.config
 
-    def embed(
-        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, pixel_values
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(`inputs_embeds` [B, T, D] with image embeddings spliced into the placeholder positions, the
-        image embeddings [N_img, T_img, D] or None without images)."""
+    def embed(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, pixel_values) -> Embedded:
+        """`inputs_embeds` with the image embeddings spliced into the placeholder positions."""
         mask = input_ids == self.image_token_id  # [B, T]
         n_slots = int(mask.sum())
         if pixel_values is None or len(pixel_values) == 0:
@@ -112,9 +122,9 @@ class Frontend(nn.Module, ABC):
                     f"the batch has {n_slots} image placeholder tokens but no images; pass the pixel_values "
                     "that VLProcessor returns with the input_ids, or remove the placeholders"
                 )
-            return inputs_embeds, None
+            return Embedded(inputs_embeds)
         features = self.encode(pixel_values)
-        return self.scatter(input_ids, inputs_embeds, features), features
+        return Embedded(self.scatter(input_ids, inputs_embeds, features), features)
 
     def scatter(
         self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, features: torch.Tensor

@@ -21,7 +21,7 @@ from ..config import FrontendConfig
 from ..errors import ConfigError, DataError
 from ..image_processing import to_tensor
 from ..registry import FRONTENDS
-from .base import Frontend
+from .base import Embedded, Frontend
 from .layout import ImageLayout, TowerShrink
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -146,9 +146,7 @@ class SoloFrontend(Frontend):
         """Patches [N, 3·P²] -> W_p·patch [N, D] (one row per `<vpatch>` slot, not per image)."""
         return self.patch_proj(pixel_values.to(self.patch_proj.weight.dtype))
 
-    def embed(
-        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, pixel_values
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def embed(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, pixel_values) -> Embedded:
         """e_t = E[id_t] + W_p·patch_π(t) at `<vpatch>` slots, E[id_t] elsewhere (§2.5); the projected
         patches [N, D] are the image embeddings.
 
@@ -164,7 +162,7 @@ class SoloFrontend(Frontend):
                 "patch grid) and do not truncate inside an image"
             )
         if n_patches == 0:
-            return inputs_embeds, None
+            return Embedded(inputs_embeds)
         projected = self.encode(pixel_values).to(inputs_embeds.dtype)  # [N, D]
         added = torch.zeros_like(inputs_embeds).masked_scatter(slots.unsqueeze(-1), projected)  # [B, T, D]
-        return inputs_embeds + added, projected
+        return Embedded(inputs_embeds + added, projected)
