@@ -89,11 +89,15 @@ def read_config(path, reducers: list | None = None) -> VLConfig:
         local = path / config.llm.name_or_path
         if local.exists():
             config.llm.name_or_path = str(local)
-    if reducers:
-        try:
-            config.reducers = [*config.reducers, *reducers]
-        except ValidationError as err:
-            raise ConfigError(format_validation_error(err, "--reducer options", what="reducer")) from None
+    return add_reducers(config, reducers) if reducers else config
+
+
+def add_reducers(config: VLConfig, reducers: list) -> VLConfig:
+    """`config` with `reducers` (sections or dicts, e.g. from `--reducer`) after its own."""
+    try:
+        config.reducers = [*config.reducers, *reducers]
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, "--reducer options", what="reducer")) from None
     return config
 
 

@@ -87,7 +87,9 @@ class VisionTowerConfig(Strict):
     name_or_path: str | None = None
     model_type: str = "clip_vision_model"
     config: dict[str, Any] = Field(default_factory=dict)
-    feature_layer: int = -2
+    # the hidden state the front-end reads; a list (ViTs) concatenates several along channels (LLaVA's
+    # vision_feature_layer as a list)
+    feature_layer: int | list[int] = -2
     feature_select: Literal["patch", "cls_patch"] = "patch"
     # conv: a ViT's patchify convolution becomes a small conv stack (vision_stems.py); for towers from scratch
     stem: Literal["patch", "conv"] = "patch"
@@ -117,13 +119,18 @@ class ConnectorConfig(Strict):
     type: str = "mlp2x_gelu"
     merge: int = Field(default=1, ge=1)
     position_embedding: bool = False  # learned per-token embedding: CNN towers carry no absolute position
+    # mlp2x_gelu's activation: a name in transformers' ACT2FN (LLaVA's projector_hidden_act)
+    act: str = "gelu"
+    bias: bool = True  # biases on the projection layers (LLaVA's multimodal_projector_bias)
 
 
 class ImageConfig(Strict):
     """How a PIL image becomes pixels: square resize (or pad to square first) and normalisation."""
 
     size: int | None = None
-    resize: Literal["squash", "pad"] = "squash"
+    # squash: to size x size; pad: to a square of the mean colour first; crop: shortest edge to size, then
+    # the centre size x size (CLIP's image processor)
+    resize: Literal["squash", "pad", "crop"] = "squash"
     resample: Literal["bilinear", "bicubic", "nearest"] = "bicubic"
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
@@ -163,6 +170,9 @@ class VLConfig(Strict):
         Field(default_factory=list)
     )
     image_token: str = IMAGE_MARKER  # the marker this model's conversations use where an image goes
+    # How the chat template takes a message's content: text with image markers, or transformers' list of
+    # {"type": "image"} / {"type": "text", "text": ...} parts (the templates of imported LLaVA checkpoints)
+    chat_content: Literal["text", "parts"] = "text"
     # Where chat front-ends (CLI, server) put images relative to the user's text; match the training data.
     image_position: Literal["before", "after"] = "before"
     max_length: int = Field(default=2048, ge=8)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.activations import ACT2FN
 
 from .config import ConnectorConfig
 from .errors import ConfigError
@@ -11,13 +12,19 @@ from .registry import CONNECTORS
 
 
 @CONNECTORS.register("linear")
-def _linear(in_dim: int, out_dim: int) -> nn.Module:
-    return nn.Linear(in_dim, out_dim)
+def _linear(cfg: ConnectorConfig, in_dim: int, out_dim: int) -> nn.Module:
+    return nn.Linear(in_dim, out_dim, bias=cfg.bias)
 
 
 @CONNECTORS.register("mlp2x_gelu")
-def _mlp2x_gelu(in_dim: int, out_dim: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+def _mlp2x_gelu(cfg: ConnectorConfig, in_dim: int, out_dim: int) -> nn.Module:
+    """LLaVA-1.5's projector: linear, activation (GELU unless `act` says otherwise), linear."""
+    if cfg.act not in ACT2FN:
+        raise ConfigError(f"connector.act={cfg.act!r} is not an activation transformers knows (ACT2FN)")
+    act = nn.GELU() if cfg.act == "gelu" else ACT2FN[cfg.act]
+    return nn.Sequential(
+        nn.Linear(in_dim, out_dim, bias=cfg.bias), act, nn.Linear(out_dim, out_dim, bias=cfg.bias)
+    )
 
 
 def merge_neighbours(features: torch.Tensor, grid: tuple[int, int], k: int) -> torch.Tensor:
@@ -39,7 +46,7 @@ class Connector(nn.Module):
     def __init__(self, cfg: ConnectorConfig, in_dim: int, out_dim: int, num_tokens: int) -> None:
         super().__init__()
         self.merge = cfg.merge
-        self.proj = CONNECTORS.get(cfg.type)(in_dim * cfg.merge**2, out_dim)
+        self.proj = CONNECTORS.get(cfg.type)(cfg, in_dim * cfg.merge**2, out_dim)
         self.position = (
             nn.Parameter(0.02 * torch.randn(num_tokens, out_dim)) if cfg.position_embedding else None
         )

@@ -25,6 +25,8 @@ class ImageProcessor:
         image = image.convert("RGB")
         if self.resize == "pad":
             image = pad_to_square(image, tuple(int(255 * m) for m in self.mean))
+        if self.resize == "crop":
+            image = shortest_edge_crop(image, self.size, _RESAMPLE[self.resample])
         if image.size != (self.size, self.size):
             image = image.resize((self.size, self.size), _RESAMPLE[self.resample])
         return to_tensor(image, self.mean, self.std)
@@ -39,6 +41,17 @@ def pad_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
     canvas = Image.new("RGB", (side, side), fill)
     canvas.paste(image, ((side - w) // 2, (side - h) // 2))
     return canvas
+
+
+def shortest_edge_crop(image: Image.Image, size: int, resample: int) -> Image.Image:
+    """The shorter side resized to `size` (the longer one in proportion, truncated), then the centre
+    `size` x `size` square: CLIP's image processor, so imported LLaVA checkpoints see their own pixels."""
+    w, h = image.size
+    new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    if new != image.size:
+        image = image.resize(new, resample)
+    left, top = (new[0] - size) // 2, (new[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
 
 
 def to_tensor(image: Image.Image, mean, std) -> torch.Tensor:

@@ -41,9 +41,12 @@ def build_llm(config: VLConfig, tokenizer, device: str = "cpu", dtype: torch.dty
         llm = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, **kwargs, **cfg.config)
     else:
         hf_config = AutoConfig.for_model(cfg.model_type, **cfg.config)
-        hf_config.vocab_size = len(tokenizer)
+        # sized to the tokenizer unless the config says (an imported checkpoint's padded vocabulary)
+        if "vocab_size" not in cfg.config:
+            hf_config.vocab_size = len(tokenizer)
         for name in ("bos", "eos", "pad"):
-            setattr(hf_config, f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
+            if cfg.config.get(f"{name}_token_id") is None:
+                setattr(hf_config, f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
         llm = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, **kwargs)
     if llm.get_input_embeddings().num_embeddings < len(tokenizer):
         llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)

@@ -60,12 +60,14 @@ class VLProcessor:
         *,
         image_token: str = "<image>",
         image_position: Literal["before", "after"] = "before",
+        chat_content: Literal["text", "parts"] = "text",
         max_length: int = 2048,
     ) -> None:
         self.tokenizer = tokenizer
         self.layout = layout
         self.image_token = image_token
         self.image_position = image_position
+        self.chat_content = chat_content
         self.max_length = max_length
 
     @classmethod
@@ -76,6 +78,7 @@ class VLProcessor:
             image_layout(config),
             image_token=config.image_token,
             image_position=config.image_position,
+            chat_content=config.chat_content,
             max_length=max_length or config.max_length,
         )
 
@@ -91,6 +94,8 @@ class VLProcessor:
 
     # -- text ------------------------------------------------------------------------------
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        if self.chat_content == "parts":
+            messages = [{**m, "content": as_parts(m["content"], self.image_token)} for m in messages]
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
@@ -137,7 +142,11 @@ class VLProcessor:
             )
         pixels = [self.layout.image_processor(image) for image in images]
         text, spans = self._expand(text, spans, pixels)
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        # As transformers' processors do: the tokenizer's own special tokens (a BOS) unless the template
+        # already wrote them.
+        bos = self.tokenizer.bos_token
+        special = not (bos and text.startswith(bos))
+        enc = self.tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
         image_ids = set(self.image_ids())  # never targets, even inside an assistant reply
         labels = [
             tok
@@ -199,6 +208,19 @@ class VLProcessor:
         batch = pad_batch(encoded, self.tokenizer.pad_token_id, self.layout, side="left")
         del batch["labels"]
         return batch
+
+
+def as_parts(content: str, marker: str) -> list[dict]:
+    """Text with image markers -> transformers' content parts, in order; the newline a marker line ends
+    with belongs to the marker (the templates that take parts write their own)."""
+    parts: list[dict] = []
+    pieces = content.split(marker)
+    for i, piece in enumerate(pieces):
+        if piece.strip("\n"):
+            parts.append({"type": "text", "text": piece.strip("\n")})
+        if i < len(pieces) - 1:
+            parts.append({"type": "image"})
+    return parts
 
 
 def place_images(text: str, n_images: int, *, marker: str, position: Literal["before", "after"]) -> str:

@@ -66,11 +66,14 @@ CONNECTORS: Registry[Any] = Registry("connector")
 VISION_TOWERS: Registry[Any] = Registry("vision tower family")
 REDUCERS: Registry[Any] = Registry("reducer")
 DATA_FORMATS: Registry[Any] = Registry("data format")
+# checkpoint layouts besides vlbridge's own: objects with detect(path), load(path, ...) and export(...)
+CHECKPOINT_FORMATS: Registry[Any] = Registry("checkpoint format")
 
 _BUILTIN_MODULES = (
     "vlbridge.frontends",
     "vlbridge.frontends.adem_vl",
     "vlbridge.frontends.inf_llava",
+    "vlbridge.frontends.llava_next",
     "vlbridge.frontends.solo",
     "vlbridge.connectors",
     "vlbridge.vision_towers",
@@ -80,6 +83,7 @@ _BUILTIN_MODULES = (
     "vlbridge.reducers.turbo",
     "vlbridge.reducers.tome",
     "vlbridge.data.formats",
+    "vlbridge.interop",
 )
 _loaded = False
 

@@ -112,6 +112,12 @@ TINY_FRONTEND_CONFIGS: dict[str, Callable[[str], dict[str, Any]]] = {
         "projector_dim": 16,
         "image": {"size": TINY_IMAGE_SIZE},
     },
+    "llava_next": lambda tower: {
+        "type": "llava_next",
+        "vision": _tiny_vision(tower),
+        "image": {"size": TINY_IMAGE_SIZE},
+        "image_grid_pinpoints": [[32, 32], [32, 64], [64, 32], [64, 64], [32, 96], [96, 32]],
+    },
     "llava": lambda tower: {
         "type": "llava",
         "vision": _tiny_vision(tower),

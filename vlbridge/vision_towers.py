@@ -144,15 +144,36 @@ class TowerSpec:
         return _depth(self.hf_config, self.family.depth_key)
 
     @property
-    def feature_state(self) -> int:
-        """The index of the hidden state the front-end reads (vision.feature_layer, made non-negative)."""
-        layer, states = self.cfg.feature_layer, self.depth + 1
-        if not -states <= layer < states:
+    def feature_states(self) -> list[int]:
+        """The indices of the hidden states the front-end reads (vision.feature_layer, made non-negative)."""
+        layers = (
+            self.cfg.feature_layer if isinstance(self.cfg.feature_layer, list) else [self.cfg.feature_layer]
+        )
+        states = self.depth + 1
+        for layer in layers:
+            if not -states <= layer < states:
+                raise ConfigError(
+                    f"vision.feature_layer={layer} is outside the {self.hf_config.model_type} tower's "
+                    f"{states} hidden states; pick one in [{-states}, {states - 1}]"
+                )
+        if len(layers) > 1 and self.family.layout != "tokens":
             raise ConfigError(
-                f"vision.feature_layer={layer} is outside the {self.hf_config.model_type} tower's {states} "
-                f"hidden states; pick one in [{-states}, {states - 1}]"
+                f"vision.feature_layer={layers}: several layers are concatenated along channels, which "
+                f"needs one token grid for all; the {self.hf_config.model_type} tower's stages differ; give "
+                "one layer"
             )
-        return layer % states
+        return [layer % states for layer in layers]
+
+    @property
+    def feature_state(self) -> int:
+        """The one hidden state the front-end reads (what needs a single layer, e.g. token merging)."""
+        states = self.feature_states
+        if len(states) > 1:
+            raise ConfigError(
+                f"vision.feature_layer={self.cfg.feature_layer} reads several layers; token merging in the "
+                "tower needs one (merged layers would disagree on their token count)"
+            )
+        return states[0]
 
     def input_size(self, image: ImageConfig) -> int:
         """The tower's input side in pixels: frontend.image.size, else the one in the tower's config."""
@@ -176,13 +197,13 @@ class TowerSpec:
 
     def grid(self, size: int) -> tuple[int, int]:
         """(h, w) of the feature grid for a `size`-pixel square image."""
-        side = self.family.side(self.hf_config, size, self.feature_state)
+        side = self.family.side(self.hf_config, size, self.feature_states[0])
         return side, side
 
     @property
     def width(self) -> int:
         """Channels of the selected features."""
-        return self.family.width(self.hf_config, self.feature_state)
+        return sum(self.family.width(self.hf_config, state) for state in self.feature_states)
 
     @property
     def keeps_cls(self) -> bool:
@@ -230,7 +251,7 @@ class VisionTower(nn.Module):
         if self.family.layout == "grid":  # oneDNN convolutions run ~15% faster on channels-last input
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         out = self.model(pixel_values=pixel_values, output_hidden_states=True)
-        hidden = out.hidden_states[self.cfg.feature_layer]
+        hidden = torch.cat([out.hidden_states[i] for i in self.spec.feature_states], dim=-1)
         if self.family.layout == "grid":  # [B, C, H, W] -> [B, H*W, C]
             b, c, h, w = hidden.shape
             return hidden.flatten(2).transpose(1, 2), (h, w)

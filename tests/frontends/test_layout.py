@@ -24,6 +24,7 @@ CASES = {
     ),
     "llava-convnext": ("convnext", {}, []),
     "inf_llava": ("siglip_vision_model", {"frontend": {"type": "inf_llava"}}, []),
+    "llava_next": ("clip_vision_model", {"frontend": {"type": "llava_next"}}, []),
     "adem_vl": ("resnet", {"frontend": {"type": "adem_vl"}}, []),
     "solo": ("clip_vision_model", {"frontend": {"type": "solo"}}, []),
     "turbo-r": ("clip_vision_model", {"frontend": PLAIN}, [{"type": "turbo", "r": 4, "min_tokens": 0}]),

@@ -1,0 +1,169 @@
+"""transformers' LLaVA layout (`LlavaForConditionalGeneration` + `LlavaProcessor`, the `llava-hf` checkpoints
+that transformers, vLLM, SGLang and TGI load), in and out.
+
+Import maps the checkpoint onto a vlbridge `llava` model: the tower and LLM configs as they are, the
+feature layer(s) and select strategy, the projector (activation, bias), the image processor's resize /
+crop / pad and normalisation, the tokenizer and the processor's chat template (content parts). Weights are
+read with safetensors and renamed; nothing is downloaded unless `path` is a hub id and the machine is online.
+
+Export writes the same layout from a vlbridge `llava` model whose every part has a transformers
+counterpart, and refuses, naming the part, when one has none.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer, PretrainedConfig
+
+from ..config import VLConfig
+from ..errors import ConfigError
+from ..frontends.base import IMAGE_TOKEN
+from .weights import read_safetensors, rename
+
+ARCHITECTURE = "LlavaForConditionalGeneration"
+_CLS_TOWERS = {"clip_vision_model"}  # towers whose first token is a CLS token
+_RESAMPLE_NAMES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+_RESAMPLE_CODES = {name: code for code, name in _RESAMPLE_NAMES.items()}
+# transformers' config keys that describe the checkpoint, not the architecture
+_NOT_ARCHITECTURE = {
+    "model_type",
+    "architectures",
+    "transformers_version",
+    "_name_or_path",
+    "dtype",
+    "torch_dtype",
+}
+# their state-dict prefixes (the legacy layout transformers still writes, then the current one) -> ours
+PREFIXES = [
+    ("language_model.model.", "language_model.model."),
+    ("model.language_model.", "language_model.model."),
+    ("language_model.lm_head.", "language_model.lm_head."),
+    ("lm_head.", "language_model.lm_head."),
+    ("vision_tower.", "frontend.vision_tower.model."),
+    ("model.vision_tower.", "frontend.vision_tower.model."),
+    ("multi_modal_projector.linear_1.", "frontend.connector.proj.0."),
+    ("model.multi_modal_projector.linear_1.", "frontend.connector.proj.0."),
+    ("multi_modal_projector.linear_2.", "frontend.connector.proj.2."),
+    ("model.multi_modal_projector.linear_2.", "frontend.connector.proj.2."),
+]
+
+
+def detect(path: Path) -> bool:
+    config = _read_json(path / "config.json")
+    return config.get("model_type") == "llava"
+
+
+def architecture_dict(config: PretrainedConfig) -> dict[str, Any]:
+    """A sub-model's transformers config as the `config:` of a vlbridge section."""
+    return {k: v for k, v in config.to_dict().items() if k not in _NOT_ARCHITECTURE}
+
+
+def vl_config(path: Path) -> VLConfig:
+    """The vlbridge config of the checkpoint at `path`: transformers' config plus its processor files."""
+    hf = AutoConfig.from_pretrained(str(path))
+    processor = AutoProcessor.from_pretrained(str(path))
+    strategy = hf.vision_feature_select_strategy
+    tower = hf.vision_config.model_type
+    if strategy == "default" and tower not in _CLS_TOWERS:
+        raise ConfigError(
+            f"{path}: vision_feature_select_strategy 'default' drops the first token of a {tower} tower, "
+            "which has no CLS token (it drops a patch); vlbridge reproduces 'default' on CLIP towers only"
+        )
+    if processor.image_token != IMAGE_TOKEN:
+        raise ConfigError(
+            f"{path}: the processor's image token is {processor.image_token!r}; vlbridge's llava front-end "
+            f"fills {IMAGE_TOKEN!r} placeholders"
+        )
+    template = processor.chat_template or processor.tokenizer.chat_template
+    text = architecture_dict(hf.text_config)
+    if text.get("final_logit_softcapping") is not None:
+        text["final_logit_softcapping"] = (
+            None  # transformers' LLaVA takes the bare lm_head's logits (Gemma-2)
+        )
+    return VLConfig.model_validate(
+        {
+            "llm": {"model_type": hf.text_config.model_type, "config": text},
+            "frontend": {
+                "type": "llava",
+                "vision": {
+                    "model_type": tower,
+                    "config": architecture_dict(hf.vision_config),
+                    "feature_layer": hf.vision_feature_layer,
+                    # 'full' keeps every token: the CLS token where the tower has one
+                    "feature_select": "cls_patch" if strategy == "full" and tower in _CLS_TOWERS else "patch",
+                },
+                "connector": {
+                    "type": "mlp2x_gelu",
+                    "act": hf.projector_hidden_act,
+                    "bias": hf.multimodal_projector_bias,
+                },
+                "image": image_section(processor.image_processor, path),
+            },
+            "chat_content": "parts" if template and "'type'" in template.replace('"', "'") else "text",
+            "max_length": getattr(hf.text_config, "max_position_embeddings", None) or 4096,
+        }
+    )
+
+
+def image_section(image_processor, path: Path) -> dict[str, Any]:
+    """transformers' CLIP / LLaVA image processor settings as a vlbridge `image:` section."""
+    size, crop = dict(image_processor.size or {}), dict(getattr(image_processor, "crop_size", None) or {})
+    pad = bool(getattr(image_processor, "do_pad", False))
+    cropping = bool(getattr(image_processor, "do_center_crop", False))
+    if "shortest_edge" in size:
+        side = size["shortest_edge"]
+        square_crop = crop.get("height") == crop.get("width") == side
+        if not (cropping and square_crop) and not pad:
+            raise ConfigError(
+                f"{path}: the image processor resizes the shortest edge to {side} and crops to "
+                f"{crop or 'nothing'}; vlbridge reproduces a centre crop of the same side (CLIP's processor) "
+                "or padding to square"
+            )
+    elif size.get("height") == size.get("width") and size.get("height"):
+        side = size["height"]
+        if cropping and crop != {"height": side, "width": side}:
+            raise ConfigError(
+                f"{path}: a {side}px resize followed by a {crop} crop has no vlbridge equivalent"
+            )
+    else:
+        raise ConfigError(
+            f"{path}: image processor size {size} is not square; vlbridge's llava needs square input"
+        )
+    resample = int(getattr(image_processor, "resample", 3))
+    if resample not in _RESAMPLE_NAMES:
+        raise ConfigError(f"{path}: image resample mode {resample} is not one of {sorted(_RESAMPLE_NAMES)}")
+    return {
+        "size": side,
+        "resize": "pad" if pad else ("crop" if "shortest_edge" in size else "squash"),
+        "resample": _RESAMPLE_NAMES[resample],
+        "mean": tuple(image_processor.image_mean),
+        "std": tuple(image_processor.image_std),
+    }
+
+
+def load(
+    path: Path, *, device: str = "cpu", dtype: torch.dtype | None = None, reducers=None, max_length=None
+):
+    """(model in eval mode, processor) from a transformers LLaVA checkpoint directory."""
+    from ..factory import assemble
+
+    config = vl_config(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    processor = AutoProcessor.from_pretrained(str(path))
+    if processor.chat_template:
+        tokenizer.chat_template = processor.chat_template
+    state = rename(read_safetensors(path), PREFIXES, path)
+    return assemble(
+        config, tokenizer, state, device=device, dtype=dtype, reducers=reducers, max_length=max_length
+    )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
