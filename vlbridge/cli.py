@@ -100,13 +100,19 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from .checkpoint import resolve_checkpoint
     from .factory import load_pretrained
+    from .registry import CHECKPOINT_FORMATS
 
     model, processor = load_pretrained(resolve_checkpoint(args.checkpoint))
-    if args.merge_lora:
+    if args.merge_lora or args.format != "vlbridge":  # other layouts have no adapters
         model.merge_lora()
-    model.save_pretrained(args.out, processor.tokenizer)
+    if args.format == "vlbridge":
+        model.save_pretrained(args.out, processor.tokenizer)
+    else:
+        CHECKPOINT_FORMATS.get(args.format).export(model, processor, Path(args.out))
     print(args.out)
 
 
@@ -217,10 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, help="context length (default: the LLM's position limit)")
     serve.set_defaults(func=_serve)
 
-    export = sub.add_parser("export", help="copy a checkpoint, optionally with LoRA merged into the weights")
+    export = sub.add_parser(
+        "export", help="write a checkpoint in vlbridge's layout (LoRA merged on request) or another engine's"
+    )
     export.add_argument("checkpoint")
     export.add_argument("out")
     export.add_argument("--merge-lora", action="store_true")
+    export.add_argument(
+        "--format",
+        default="vlbridge",
+        help="vlbridge (default) or llava-hf (transformers' LlavaForConditionalGeneration, which vLLM, "
+        "SGLang and TGI load; LoRA merged)",
+    )
     export.set_defaults(func=_export)
 
     ev = sub.add_parser(

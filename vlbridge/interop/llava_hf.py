@@ -167,3 +167,130 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+# -- export ---------------------------------------------------------------------------------------------
+def parts_template(template: str, marker: str, position: str) -> str:
+    """`template` (which takes text content with image markers) behind a preamble that turns transformers'
+    content parts into that text, images laid out as vlbridge's processor lays them (`place_images`)."""
+    joined = "(images ~ '\\n' ~ text)" if position == "before" else "(text ~ '\\n' ~ images)"
+    return (
+        "{%- set ns = namespace(messages=[]) -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string -%}{%- set ns.messages = ns.messages + [message] -%}"
+        "{%- else -%}{%- set parts = namespace(images=[], texts=[]) -%}"
+        "{%- for part in message['content'] -%}"
+        f"{{%- if part['type'] == 'image' -%}}{{%- set parts.images = parts.images + ['{marker}'] -%}}"
+        "{%- elif part['type'] == 'text' -%}{%- set parts.texts = parts.texts + [part['text']] -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set text = parts.texts | join('\\n') -%}{%- set images = parts.images | join('\\n') -%}"
+        f"{{%- if images and text -%}}{{%- set text = {joined} -%}}"
+        "{%- elif images -%}{%- set text = images -%}{%- endif -%}"
+        "{%- set ns.messages = ns.messages + [{'role': message['role'], 'content': text}] -%}"
+        "{%- endif -%}{%- endfor -%}{%- set messages = ns.messages -%}" + template
+    )
+
+
+def refuse_unless_exportable(model, processor) -> None:
+    """A ConfigError naming the first part of `model` that transformers' LLaVA has no counterpart for."""
+    config = model.config
+    frontend = config.frontend
+    reasons = []
+    if frontend.type != "llava":
+        reasons.append(f"the {frontend.type!r} front-end (transformers' LLaVA is the 'llava' front-end)")
+    else:
+        vision, connector = frontend.vision, frontend.connector
+        if vision.model_type not in ("clip_vision_model", "siglip_vision_model"):
+            reasons.append(f"a {vision.model_type} tower (LLaVA takes CLIP or SigLIP towers)")
+        if vision.stem != "patch":
+            reasons.append("vision.stem='conv' (transformers' towers patchify with one convolution)")
+        if vision.position_init != "learned":
+            reasons.append(f"vision.position_init={vision.position_init!r}")
+        plain = connector.merge == 1 and not connector.position_embedding
+        if connector.type not in ("linear", "mlp2x_gelu") or not plain:
+            reasons.append("a connector other than linear / mlp2x_gelu without merge or position embedding")
+    if config.reducers:
+        reasons.append(f"active reducers {[r.type for r in config.reducers]} (LLaVA runs every visual token)")
+    if model.lora_groups():
+        reasons.append("unmerged LoRA adapters (export with --merge-lora)")
+    if getattr(model.language_model.config.get_text_config(), "final_logit_softcapping", None) is not None:
+        reasons.append("the LLM's final_logit_softcapping (LLaVA takes the bare lm_head's logits)")
+    if processor.image_token != IMAGE_TOKEN:
+        reasons.append(f"image_token={processor.image_token!r} (LlavaProcessor expands {IMAGE_TOKEN!r})")
+    if reasons:
+        raise ConfigError(
+            "this model cannot be written as transformers' LlavaForConditionalGeneration: "
+            + "; ".join(reasons)
+            + "; keep --format vlbridge"
+        )
+
+
+def export(model, processor, out: Path) -> None:
+    """Write `model` (LoRA merged) and its processor as a LlavaForConditionalGeneration checkpoint that
+    transformers' AutoProcessor / LlavaForConditionalGeneration load without vlbridge."""
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaImageProcessorPil,
+        LlavaProcessor,
+    )
+
+    from ..checkpoint import atomic_dir
+
+    refuse_unless_exportable(model, processor)
+    frontend, tower = model.frontend, model.frontend.vision_tower
+    llm, connector = model.language_model, frontend.config.connector
+    has_cls = tower.family.has_cls
+    strategy = "default" if has_cls and frontend.config.vision.feature_select == "patch" else "full"
+    image_token_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    hf_config = LlavaConfig(
+        text_config=llm.config.get_text_config(),
+        vision_config=tower.hf_config,
+        image_token_id=image_token_id,
+        vision_feature_layer=frontend.config.vision.feature_layer,
+        vision_feature_select_strategy=strategy,
+        projector_hidden_act=connector.act if connector.type == "mlp2x_gelu" else "linear",
+        multimodal_projector_bias=connector.bias,
+        image_seq_length=frontend.layout.num_image_tokens(),
+        tie_word_embeddings=llm.config.get_text_config().tie_word_embeddings,
+    )
+    hf = LlavaForConditionalGeneration(hf_config).eval()
+    hf.model.language_model.load_state_dict(llm.base_model.state_dict())
+    hf.lm_head.load_state_dict(llm.get_output_embeddings().state_dict())
+    hf.model.vision_tower.load_state_dict(tower.model.state_dict())
+    projector = hf.model.multi_modal_projector
+    if connector.type == "mlp2x_gelu":
+        projector.linear_1.load_state_dict(frontend.connector.proj[0].state_dict())
+        projector.linear_2.load_state_dict(frontend.connector.proj[2].state_dict())
+    else:  # linear: the second layer is the identity (exact)
+        projector.linear_1.load_state_dict(frontend.connector.proj.state_dict())
+        with torch.no_grad():
+            projector.linear_2.weight.copy_(torch.eye(projector.linear_2.weight.shape[0]))
+            if projector.linear_2.bias is not None:
+                projector.linear_2.bias.zero_()
+    image = frontend.layout.image_processor
+    size = {"height": image.size, "width": image.size}
+    images = LlavaImageProcessorPil(
+        size={"shortest_edge": image.size} if image.resize == "crop" else size,
+        crop_size=size,
+        do_center_crop=image.resize == "crop",
+        do_pad=image.resize == "pad",
+        image_mean=list(image.mean),
+        image_std=list(image.std),
+        resample=_RESAMPLE_CODES[image.resample],
+    )
+    template = processor.tokenizer.chat_template
+    if processor.chat_content == "text":
+        template = parts_template(template, IMAGE_TOKEN, processor.image_position)
+    hf_processor = LlavaProcessor(
+        image_processor=images,
+        tokenizer=processor.tokenizer,
+        patch_size=tower.hf_config.patch_size,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=int(has_cls),
+        chat_template=template,
+    )
+    with atomic_dir(out) as tmp:
+        hf.save_pretrained(tmp)
+        hf_processor.save_pretrained(tmp)
