@@ -25,10 +25,12 @@ import json, sys
 sys.modules["vlbridge"] = None
 import torch
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+import transformers
+from transformers import AutoProcessor
 out, image, question, result = sys.argv[1:5]
 processor = AutoProcessor.from_pretrained(out)
-model = LlavaForConditionalGeneration.from_pretrained(out).eval()
+architecture = json.load(open(out + "/config.json"))["architectures"][0]
+model = getattr(transformers, architecture).from_pretrained(out).eval()
 conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
 text = processor.apply_chat_template(conversation, add_generation_prompt=True)
 inputs = processor(images=[Image.open(image)], text=text, return_tensors="pt")
@@ -73,6 +75,7 @@ def vlbridge_answer(model, processor, image) -> dict:
         ("llama", "clip_vision_model", PLAIN, "before"),
         ("qwen2", "siglip_vision_model", {**PLAIN, "image": {"resize": "pad"}}, "after"),
         ("gemma", "clip_vision_model", {**PLAIN, "connector": {"merge": 1, "type": "linear"}}, "before"),
+        ("qwen3", "clip_vision_model", {"type": "llava_next"}, "before"),  # LlavaNextForConditionalGeneration
     ],
 )
 def test_export_loads_in_transformers_alone_with_the_same_logits_and_answers(
@@ -87,9 +90,9 @@ def test_export_loads_in_transformers_alone_with_the_same_logits_and_answers(
                 param.normal_(0, 0.08)
     model.save_pretrained(tmp_path / "ckpt", tokenizer)
     main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--format", "llava-hf"])
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [
-        llava_hf.ARCHITECTURE
-    ]
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"]
+    next_ = frontend["type"] == "llava_next"
+    assert written == ["LlavaNextForConditionalGeneration" if next_ else llava_hf.ARCHITECTURE]
     image = red_image.resize((40, 28))
     image.save(tmp_path / "image.png")
     theirs = transformers_alone(tmp_path / "hf", tmp_path / "image.png", tmp_path)

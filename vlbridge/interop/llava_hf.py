@@ -1,5 +1,5 @@
-"""transformers' LLaVA layout (`LlavaForConditionalGeneration` + `LlavaProcessor`, the `llava-hf` checkpoints
-that transformers, vLLM, SGLang and TGI load), in and out.
+"""transformers' LLaVA layouts (`LlavaForConditionalGeneration` + `LlavaProcessor` and the LLaVA-NeXT pair,
+the `llava-hf` checkpoints that transformers, vLLM, SGLang and TGI load), in and out.
 
 Import maps the checkpoint onto a vlbridge `llava` model: the tower and LLM configs as they are, the
 feature layer(s) and select strategy, the projector (activation, bias), the image processor's resize /
@@ -25,6 +25,8 @@ from ..frontends.base import IMAGE_TOKEN
 from .weights import read_safetensors, rename
 
 ARCHITECTURE = "LlavaForConditionalGeneration"
+# transformers' model_type -> vlbridge front-end
+FRONTENDS = {"llava": "llava", "llava_next": "llava_next"}
 _CLS_TOWERS = {"clip_vision_model"}  # towers whose first token is a CLS token
 _RESAMPLE_NAMES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 _RESAMPLE_CODES = {name: code for code, name in _RESAMPLE_NAMES.items()}
@@ -49,12 +51,14 @@ PREFIXES = [
     ("model.multi_modal_projector.linear_1.", "frontend.connector.proj.0."),
     ("multi_modal_projector.linear_2.", "frontend.connector.proj.2."),
     ("model.multi_modal_projector.linear_2.", "frontend.connector.proj.2."),
+    ("image_newline", "frontend.image_newline.weight"),  # LLaVA-NeXT
+    ("model.image_newline", "frontend.image_newline.weight"),
 ]
 
 
 def detect(path: Path) -> bool:
     config = _read_json(path / "config.json")
-    return config.get("model_type") == "llava"
+    return config.get("model_type") in FRONTENDS
 
 
 def architecture_dict(config: PretrainedConfig) -> dict[str, Any]:
@@ -79,6 +83,12 @@ def vl_config(path: Path) -> VLConfig:
             f"fills {IMAGE_TOKEN!r} placeholders"
         )
     template = processor.chat_template or processor.tokenizer.chat_template
+    frontend = FRONTENDS[hf.model_type]
+    image = image_section(processor.image_processor, path)
+    extra = {}
+    if frontend == "llava_next":  # tiles fit by resizing and padding, the base view squashed
+        image["resize"] = "squash"
+        extra["image_grid_pinpoints"] = [list(pair) for pair in hf.image_grid_pinpoints]
     text = architecture_dict(hf.text_config)
     if text.get("final_logit_softcapping") is not None:
         text["final_logit_softcapping"] = (
@@ -88,7 +98,7 @@ def vl_config(path: Path) -> VLConfig:
         {
             "llm": {"model_type": hf.text_config.model_type, "config": text},
             "frontend": {
-                "type": "llava",
+                "type": frontend,
                 "vision": {
                     "model_type": tower,
                     "config": architecture_dict(hf.vision_config),
@@ -101,7 +111,8 @@ def vl_config(path: Path) -> VLConfig:
                     "act": hf.projector_hidden_act,
                     "bias": hf.multimodal_projector_bias,
                 },
-                "image": image_section(processor.image_processor, path),
+                "image": image,
+                **extra,
             },
             "chat_content": "parts" if template and "'type'" in template.replace('"', "'") else "text",
             "max_length": getattr(hf.text_config, "max_position_embeddings", None) or 4096,
@@ -197,8 +208,11 @@ def refuse_unless_exportable(model, processor) -> None:
     config = model.config
     frontend = config.frontend
     reasons = []
-    if frontend.type != "llava":
-        reasons.append(f"the {frontend.type!r} front-end (transformers' LLaVA is the 'llava' front-end)")
+    if frontend.type not in FRONTENDS.values():
+        reasons.append(
+            f"the {frontend.type!r} front-end (transformers' LLaVA and LLaVA-NeXT are vlbridge's 'llava' "
+            "and 'llava_next')"
+        )
     else:
         vision, connector = frontend.vision, frontend.connector
         if vision.model_type not in ("clip_vision_model", "siglip_vision_model"):
@@ -226,25 +240,49 @@ def refuse_unless_exportable(model, processor) -> None:
         )
 
 
+_CLASSES = ("Config", "ForConditionalGeneration", "ImageProcessorPil", "Processor")
+
+
+def image_processor_settings(frontend) -> dict[str, Any]:
+    """The settings of transformers' (CLIP-style) image processor that reproduce the front-end's pixels."""
+    image = frontend.config.image
+    processor = frontend.layout.image_processor
+    side = frontend.tower_size
+    square = {"height": side, "width": side}
+    anyres = frontend.config.type == "llava_next"  # tiles padded; the crop is a no-op on its views
+    crop = image.resize == "crop"
+    return {
+        "size": {"shortest_edge": side} if crop or anyres else square,
+        "crop_size": square,
+        "do_center_crop": crop or anyres,
+        "do_pad": image.resize == "pad" or anyres,
+        "image_mean": list(processor.mean),
+        "image_std": list(processor.std),
+        "resample": _RESAMPLE_CODES[image.resample],
+    }
+
+
 def export(model, processor, out: Path) -> None:
-    """Write `model` (LoRA merged) and its processor as a LlavaForConditionalGeneration checkpoint that
-    transformers' AutoProcessor / LlavaForConditionalGeneration load without vlbridge."""
-    from transformers import (
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaImageProcessorPil,
-        LlavaProcessor,
-    )
+    """Write `model` (LoRA merged) and its processor as a LlavaForConditionalGeneration (or, for llava_next,
+    LlavaNextForConditionalGeneration) checkpoint that transformers' AutoProcessor and model class load
+    without vlbridge."""
+    import transformers
 
     from ..checkpoint import atomic_dir
 
     refuse_unless_exportable(model, processor)
+    prefix = "LlavaNext" if model.config.frontend.type == "llava_next" else "Llava"
+    classes = {part: getattr(transformers, prefix + part) for part in _CLASSES}
+    next_only = {}
+    if prefix == "LlavaNext":
+        next_only = {"image_grid_pinpoints": [list(pair) for pair in model.frontend.anyres.pinpoints]}
     frontend, tower = model.frontend, model.frontend.vision_tower
     llm, connector = model.language_model, frontend.config.connector
     has_cls = tower.family.has_cls
     strategy = "default" if has_cls and frontend.config.vision.feature_select == "patch" else "full"
     image_token_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    hf_config = LlavaConfig(
+    hf_config = classes["Config"](
+        **next_only,
         text_config=llm.config.get_text_config(),
         vision_config=tower.hf_config,
         image_token_id=image_token_id,
@@ -252,10 +290,10 @@ def export(model, processor, out: Path) -> None:
         vision_feature_select_strategy=strategy,
         projector_hidden_act=connector.act if connector.type == "mlp2x_gelu" else "linear",
         multimodal_projector_bias=connector.bias,
-        image_seq_length=frontend.layout.num_image_tokens(),
+        **({} if next_only else {"image_seq_length": frontend.layout.num_image_tokens()}),
         tie_word_embeddings=llm.config.get_text_config().tie_word_embeddings,
     )
-    hf = LlavaForConditionalGeneration(hf_config).eval()
+    hf = classes["ForConditionalGeneration"](hf_config).eval()
     hf.model.language_model.load_state_dict(llm.base_model.state_dict())
     hf.lm_head.load_state_dict(llm.get_output_embeddings().state_dict())
     hf.model.vision_tower.load_state_dict(tower.model.state_dict())
@@ -269,21 +307,14 @@ def export(model, processor, out: Path) -> None:
             projector.linear_2.weight.copy_(torch.eye(projector.linear_2.weight.shape[0]))
             if projector.linear_2.bias is not None:
                 projector.linear_2.bias.zero_()
-    image = frontend.layout.image_processor
-    size = {"height": image.size, "width": image.size}
-    images = LlavaImageProcessorPil(
-        size={"shortest_edge": image.size} if image.resize == "crop" else size,
-        crop_size=size,
-        do_center_crop=image.resize == "crop",
-        do_pad=image.resize == "pad",
-        image_mean=list(image.mean),
-        image_std=list(image.std),
-        resample=_RESAMPLE_CODES[image.resample],
-    )
+    if next_only:
+        with torch.no_grad():
+            hf.model.image_newline.copy_(frontend.image_newline.weight)
+    images = classes["ImageProcessorPil"](**image_processor_settings(frontend), **next_only)
     template = processor.tokenizer.chat_template
     if processor.chat_content == "text":
         template = parts_template(template, IMAGE_TOKEN, processor.image_position)
-    hf_processor = LlavaProcessor(
+    hf_processor = classes["Processor"](
         image_processor=images,
         tokenizer=processor.tokenizer,
         patch_size=tower.hf_config.patch_size,
