@@ -24,7 +24,7 @@ from transformers import LogitsProcessorList
 
 from vlbridge.config import Strict, VLConfig, deep_merge
 from vlbridge.errors import ConfigError
-from vlbridge.factory import build
+from vlbridge.factory import build, load_pretrained
 from vlbridge.families import choose_dtype
 from vlbridge.llm_calls import returned_cache
 from vlbridge.processing import VLProcessor, pad_batch
@@ -72,6 +72,9 @@ class BenchConfig(Strict):
     baseline: str
     cases: list[BenchCase]
     defaults: dict[str, Any] = Field(default_factory=dict)
+    # a checkpoint every case opens (vlbridge's or an imported layout, e.g. transformers' LLaVA) instead of a
+    # random model built from `defaults`; the cases' `model` sections may then only add reducers
+    checkpoint: str | None = None
     device: str = "auto"
     seed: int = 0
     repeats: int = Field(default=3, ge=1)
@@ -95,6 +98,15 @@ class BenchConfig(Strict):
             raise ValueError(f"baseline {self.baseline!r} is not one of the cases {names}")
         if self.new_tokens == 1:
             raise ValueError("new_tokens=1 leaves no decode step to time: set 0 (no generation) or >= 2")
+        if self.checkpoint is not None:
+            extra = {
+                c.name: sorted(set(c.model) - {"reducers"}) for c in self.cases if set(c.model) - {"reducers"}
+            }
+            if extra or self.defaults:
+                raise ValueError(
+                    f"with checkpoint={self.checkpoint!r} the model comes from the checkpoint: cases may only "
+                    f"add reducers (model.reducers), and defaults must be empty; got {extra or self.defaults}"
+                )
         return self
 
 
@@ -142,6 +154,13 @@ class Bench:
         return self.results
 
     def _build(self, case: BenchCase):
+        if self.config.checkpoint is not None:
+            reducers = case.model.get("reducers") or None
+            model, processor = load_pretrained(
+                self.config.checkpoint, device=str(self.device), reducers=reducers
+            )
+            processor.max_length = 10**6
+            return model, processor.tokenizer, processor
         config = self.case_config(case)
         tokenizer = train_bpe([_text(len(_WORDS), i) for i in range(len(_WORDS))], self.config.vocab_size)
         torch.manual_seed(self.config.seed)

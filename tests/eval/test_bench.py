@@ -216,3 +216,41 @@ def test_shipped_reducer_benchmark_is_valid():
     kinds = {case.name: [r.type for r in bench.case_config(case).reducers] for case in config.cases}
     assert kinds["dense"] == [] and kinds["pmod"] == ["pmod"] and kinds["fastv"] == ["fastv"]
     assert {"turbo_r16", "turbo_50", "turbo_75", "tome_r16"} <= set(kinds)
+
+
+def test_a_checkpoint_case_opens_an_imported_model_and_reduces_it(tmp_path):
+    model, tokenizer, _ = tiny_model(frontend={"type": "llava", "connector": {"merge": 1}})
+    model.save_pretrained(tmp_path / "ckpt", tokenizer)
+    main(
+        ["export", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--format", "llava-hf"]
+    )  # transformers' LLaVA
+    turbo = {"reducers": [{"type": "turbo", "tokens": 8, "min_tokens": 0}]}
+    config = BenchConfig(
+        name="imported",
+        baseline="as_imported",
+        checkpoint=str(tmp_path / "hf"),
+        repeats=1,
+        warmup=0,
+        new_tokens=2,
+        measure_flops=False,
+        cases=[
+            {"name": "as_imported", "image_size": 32},
+            {"name": "turbo_half", "image_size": 32, "model": turbo},
+        ],
+    )
+    as_imported, halved = Bench(config).run()
+    assert (as_imported["visual_tokens"], halved["visual_tokens"]) == (16, 8)
+    assert halved["prefill_s_ratio"] > 0 and halved["kv_cache_mb_ratio"] < 1  # side by side, measured
+    with pytest.raises(ValueError, match="cases may only add reducers"):
+        BenchConfig.model_validate(
+            {
+                **config.model_dump(),
+                "cases": [{"name": "as_imported", "model": {"frontend": {"type": "solo"}}}],
+            }
+        )
+
+
+def test_shipped_imported_benchmark_is_valid():
+    path = Path(__file__).parents[2] / "eval" / "benchmarks" / "imported.yaml"
+    config = load_yaml_config(path, BenchConfig, ["checkpoint=/any/llava"], what="benchmark")
+    assert config.checkpoint == "/any/llava" and config.baseline == "as_imported"
