@@ -104,8 +104,9 @@ class BenchConfig(Strict):
             }
             if extra or self.defaults:
                 raise ValueError(
-                    f"with checkpoint={self.checkpoint!r} the model comes from the checkpoint: cases may only "
-                    f"add reducers (model.reducers), and defaults must be empty; got {extra or self.defaults}"
+                    f"with checkpoint={self.checkpoint!r} the model comes from the checkpoint: cases may "
+                    f"only add reducers (model.reducers), and defaults must be empty; got "
+                    f"{extra or self.defaults}"
                 )
         return self
 

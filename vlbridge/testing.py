@@ -280,3 +280,76 @@ def assert_save_load_round_trip(vl: VL, batch: dict, image, path: str | Path) ->
     kwargs = {"max_new_tokens": 5, "do_sample": False}
     assert torch.equal(loaded.generate(**inputs, **kwargs), model.generate(**inputs, **kwargs))
     return loaded
+
+
+# -- imported layouts ------------------------------------------------------------------------------
+# llava-1.5-hf's template: content parts, images first, "USER: ... ASSISTANT:"
+TINY_LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}"
+    "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' ' }}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def write_tiny_llava_hf(
+    path,
+    family: str = "llama",
+    tower: str = "clip_vision_model",
+    *,
+    strategy: str = "default",
+    feature_layer: int | list[int] = -2,
+    pad: bool = False,
+    act: str = "gelu",
+    seed: int = 0,
+):
+    """A tiny random `LlavaForConditionalGeneration` + `LlavaProcessor` saved with transformers' classes."""
+    from transformers import (
+        AutoConfig,
+        CLIPImageProcessorPil,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaImageProcessorPil,
+        LlavaProcessor,
+    )
+
+    tokenizer = train_bpe(_TEXTS * 10, 300)
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<image>"]}, replace_extra_special_tokens=False
+    )
+    tokenizer.pad_token = tokenizer.eos_token
+    text = AutoConfig.for_model(family, **TINY_LLM_CONFIGS[family], vocab_size=len(tokenizer) + 3)
+    for name in ("bos", "eos", "pad"):
+        setattr(text, f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
+    config = LlavaConfig(
+        vision_config=AutoConfig.for_model(tower, **TINY_TOWER_CONFIGS[tower]),
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=feature_layer,
+        vision_feature_select_strategy=strategy,
+        projector_hidden_act=act,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # larger than the default init, so that logits differ clearly between tokens
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0, 0.08)
+    if pad:
+        images = LlavaImageProcessorPil(do_pad=True, size={"height": 32, "width": 32}, do_center_crop=False)
+    else:
+        images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    extra = 1 if tower == "clip_vision_model" else 0  # CLS
+    processor = LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=extra,
+        chat_template=TINY_LLAVA_TEMPLATE,
+    )
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return model, processor
