@@ -10,12 +10,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, field_validator
+from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
-from .config import Strict, TokenizerConfig, VLConfig, dispatch_on_type, format_validation_error
+from .config import (
+    ReducerConfig,
+    Strict,
+    TokenizerConfig,
+    VLConfig,
+    dispatch_on_type,
+    format_validation_error,
+)
 from .data.formats import DataSourceConfig
 from .errors import ConfigError
-from .registry import DATA_FORMATS
+from .registry import DATA_FORMATS, REDUCERS
 
 DataSource = Annotated[SerializeAsAny[DataSourceConfig], dispatch_on_type(DATA_FORMATS, DataSourceConfig)]
 Mode = Literal["frozen", "lora", "full"]
@@ -76,13 +83,25 @@ class EvalConfig(Strict):
     examples: int = Field(default=1, ge=0)
 
 
+class InitFrom(Strict):
+    """A checkpoint to fine-tune: vlbridge's own or one `vlbridge chat` opens (transformers' LLaVA /
+    LLaVA-NeXT). Its model, tokenizer and processor are the run's; `reducers` join it (p-MoD's routers then
+    train in the recipe's stages)."""
+
+    path: str
+    reducers: list[Annotated[SerializeAsAny[ReducerConfig], dispatch_on_type(REDUCERS, ReducerConfig)]] = (
+        Field(default_factory=list)
+    )
+
+
 class Recipe(Strict):
     """A whole run: `vlbridge train recipe.yaml key.sub=value ...`."""
 
     name: str
     output_dir: str | None = None
     seed: int = 0
-    model: VLConfig
+    model: VLConfig | None = None  # a model built from this config, or (init_from) a checkpoint's
+    init_from: InitFrom | None = None
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     data: DataConfig
     train: TrainConfig
@@ -91,6 +110,15 @@ class Recipe(Strict):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir or f"runs/{self.name}")
+
+    @model_validator(mode="after")
+    def _one_model(self) -> Recipe:
+        if (self.model is None) == (self.init_from is None):
+            raise ValueError(
+                "give the model either as `model:` (built from this config) or as `init_from: {path: ...}` "
+                "(a checkpoint to fine-tune), exactly one of them"
+            )
+        return self
 
 
 def apply_override(tree: dict, dotted: str) -> None:

@@ -304,8 +304,10 @@ def write_tiny_llava_hf(
     pad: bool = False,
     act: str = "gelu",
     seed: int = 0,
+    **text_config: Any,
 ):
-    """A tiny random `LlavaForConditionalGeneration` + `LlavaProcessor` saved with transformers' classes."""
+    """A tiny random `LlavaForConditionalGeneration` + `LlavaProcessor` saved with transformers' classes;
+    `text_config` overrides the tiny LLM's config (e.g. num_hidden_layers)."""
     from transformers import (
         AutoConfig,
         CLIPImageProcessorPil,
@@ -320,7 +322,9 @@ def write_tiny_llava_hf(
         {"additional_special_tokens": ["<image>"]}, replace_extra_special_tokens=False
     )
     tokenizer.pad_token = tokenizer.eos_token
-    text = AutoConfig.for_model(family, **TINY_LLM_CONFIGS[family], vocab_size=len(tokenizer) + 3)
+    text = AutoConfig.for_model(
+        family, **{**TINY_LLM_CONFIGS[family], **text_config}, vocab_size=len(tokenizer) + 3
+    )
     for name in ("bos", "eos", "pad"):
         setattr(text, f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
     config = LlavaConfig(

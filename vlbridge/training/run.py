@@ -81,6 +81,13 @@ def build(recipe: Recipe, stage_data: list, resume_from: Path | None, device: st
     if resume_from is not None:
         model, processor = load_pretrained(resume_from, device=device, dtype=torch.float32)
         return model, processor, load_state(resume_from)
+    if recipe.init_from is not None:
+        start = recipe.init_from
+        torch.manual_seed(recipe.seed)  # new reducers' parameters (p-MoD routers) start the same every run
+        model, processor = load_pretrained(
+            start.path, device=device, dtype=torch.float32, reducers=start.reducers or None
+        )
+        return model, processor, TrainerState()
     tokenizer = load_tokenizer(recipe.tokenizer, training_texts(stage_data, recipe.model.image_token))
     torch.manual_seed(recipe.seed)
     model, processor = build_model(recipe.model, tokenizer, device=device, dtype=torch.float32)
