@@ -357,3 +357,51 @@ def write_tiny_llava_hf(
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return model, processor
+
+
+def write_tiny_llava_next(path, family: str = "llama"):
+    """A tiny random `LlavaNextForConditionalGeneration` + `LlavaNextProcessor` (4 pinpoints over 32-px tiles)
+    saved with transformers' classes; its lm_head is its own even where the LLM ties (transformers' way)."""
+    from transformers import (
+        AutoConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    tokenizer = train_bpe(_TEXTS * 10, 300)
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<image>"]}, replace_extra_special_tokens=False
+    )
+    tokenizer.pad_token = tokenizer.eos_token
+    text = AutoConfig.for_model(family, **TINY_LLM_CONFIGS[family], vocab_size=len(tokenizer))
+    for name in ("bos", "eos", "pad"):
+        setattr(text, f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    config = LlavaNextConfig(
+        vision_config=AutoConfig.for_model("clip_vision_model", **TINY_TOWER_CONFIGS["clip_vision_model"]),
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=pinpoints,
+    )
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0, 0.08)
+    images = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints
+    )
+    processor = LlavaNextProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=TINY_LLAVA_TEMPLATE,
+    )
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return model, processor

@@ -8,7 +8,7 @@ from PIL import Image
 
 from vlbridge.errors import ConfigError
 from vlbridge.factory import load_pretrained
-from vlbridge.testing import TINY_LLM_CONFIGS, write_tiny_llava_hf
+from vlbridge.testing import TINY_LLM_CONFIGS, write_tiny_llava_hf, write_tiny_llava_next
 
 FAMILIES = list(TINY_LLM_CONFIGS)
 WIDE = Image.new("RGB", (48, 30), (220, 40, 40))
@@ -84,3 +84,16 @@ def test_a_strategy_vlbridge_cannot_reproduce_is_a_config_error(tmp_path):
     write_tiny_llava_hf(tmp_path, tower="siglip_vision_model", strategy="default")
     with pytest.raises(ConfigError, match="drops the first token of a siglip_vision_model tower"):
         load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_llava_next_import_matches_transformers(tmp_path, family):
+    hf_model, hf_processor = write_tiny_llava_next(tmp_path, family)
+    model, processor = load_pretrained(tmp_path)
+    assert model.config.frontend.type == "llava_next"
+    for image in (WIDE, WIDE.transpose(Image.Transpose.ROTATE_90)):
+        want_inputs, want_logits, want_tokens = reference(hf_model, hf_processor, "What color?", image)
+        batch, logits, tokens = ours(model, processor, "What color?", image)
+        assert torch.equal(batch["input_ids"], want_inputs["input_ids"])  # anyres count known up front
+        assert (logits - want_logits).abs().max() < 1e-5
+        assert torch.equal(tokens, want_tokens)

@@ -90,10 +90,8 @@ def vl_config(path: Path) -> VLConfig:
         image["resize"] = "squash"
         extra["image_grid_pinpoints"] = [list(pair) for pair in hf.image_grid_pinpoints]
     text = architecture_dict(hf.text_config)
-    if text.get("final_logit_softcapping") is not None:
-        text["final_logit_softcapping"] = (
-            None  # transformers' LLaVA takes the bare lm_head's logits (Gemma-2)
-        )
+    if text.get("final_logit_softcapping") is not None:  # Gemma-2: transformers' LLaVA takes the bare
+        text["final_logit_softcapping"] = None  # lm_head's logits
     return VLConfig.model_validate(
         {
             "llm": {"model_type": hf.text_config.model_type, "config": text},
@@ -168,6 +166,11 @@ def load(
     if processor.chat_template:
         tokenizer.chat_template = processor.chat_template
     state = rename(read_safetensors(path), PREFIXES, path)
+    # tied as the weights are, whatever the text config says: transformers' LLaVA-NeXT keeps a separate
+    # lm_head even for LLMs that tie theirs
+    head = state.get("language_model.lm_head.weight")
+    table = state["language_model.model.embed_tokens.weight"]
+    config.llm.config["tie_word_embeddings"] = head is None or torch.equal(head, table)
     return assemble(
         config, tokenizer, state, device=device, dtype=dtype, reducers=reducers, max_length=max_length
     )
