@@ -58,7 +58,8 @@ PREFIXES = [
 
 def detect(path: Path) -> bool:
     config = _read_json(path / "config.json")
-    return config.get("model_type") in FRONTENDS
+    # the original LLaVA repository also wrote model_type "llava"; its configs name the tower instead
+    return config.get("model_type") in FRONTENDS and "mm_vision_tower" not in config
 
 
 def architecture_dict(config: PretrainedConfig) -> dict[str, Any]:

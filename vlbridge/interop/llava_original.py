@@ -21,8 +21,9 @@ What the original code does at inference, and how it maps onto a vlbridge `llava
     so the logits keep one extra, never-winning column), and each image fills as many placeholders as it
     has features: the same embedding sequence, checked on a probe prompt when loading
     (`_match_image_chunks`);
-  - the prompt is the `llava_v1` conversation (conversation.py, SeparatorStyle.TWO): "{system} USER:
-    <image>\\n{question} ASSISTANT:", a reply closed by "</s>" (`chat_template`).
+  - the prompt is conversation.py's SeparatorStyle.TWO ("{system} USER: <image>\\n{question} ASSISTANT:",
+    a reply closed by "</s>", `chat_template`) with the `vicuna_v1` system prompt LLaVA-1.5 was trained and
+    evaluated with (`llava_v1`'s on request).
 
 Refused, naming the key: `mm_use_im_start_end`, projectors deeper than two layers or other than a Linear
 / GELU MLP ('identity', resamplers), LLaVA-NeXT's 'anyres' / `mm_patch_merge_type` 'spatial*', S2 towers,
@@ -58,7 +59,7 @@ SYSTEMS = {
     "vicuna_v1": "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions.",
 }
-DEFAULT_CONV_MODE = "llava_v1"
+DEFAULT_CONV_MODE = "vicuna_v1"  # what the published LLaVA-1.5 numbers (and Turbo/FastV/p-MoD on them) use
 
 # config.json keys of the LLaVA wrapper (not of the LLM); anything else the LLM's config does not know is
 # dropped too (`_text_config`)
@@ -71,7 +72,12 @@ _NOT_ARCHITECTURE = {
     "torch_dtype",
 }
 _DROPPED_BUFFERS = ("rotary_emb.inv_freq", "embeddings.position_ids")  # buffers older versions saved
-_TOWER_IN_CHECKPOINT = "model.vision_tower.vision_tower."
+# a tower trained unfrozen: CLIPVisionModel's keys as transformers 4 saved them (under `vision_model.`), or as
+# transformers 5 names them (PrefixChange in its conversion_mapping)
+_TOWER_PREFIXES = [
+    ("model.vision_tower.vision_tower.vision_model.", "frontend.vision_tower.model."),
+    ("model.vision_tower.vision_tower.", "frontend.vision_tower.model."),
+]
 _BIN_INDEX = "pytorch_model.bin.index.json"
 
 
@@ -110,7 +116,7 @@ def vl_config(path: Path, *, vision_tower: str | None = None) -> VLConfig:
     config's `mm_vision_tower`, e.g. a local copy of openai/clip-vit-large-patch14-336)."""
     path = Path(path)
     raw = _checked_config(path)
-    tokenizer = _tokenizer(path, DEFAULT_CONV_MODE)
+    tokenizer = _tokenizer(path, _family(raw, path), DEFAULT_CONV_MODE)
     return _vl_config(path, raw, _tower_ref(raw, vision_tower), len(tokenizer))
 
 
@@ -134,9 +140,13 @@ def load(
     path = Path(path)
     raw = _checked_config(path)
     tower = _tower_ref(raw, vision_tower)
-    tokenizer = _tokenizer(path, conv_mode)
+    tokenizer = _tokenizer(path, _family(raw, path), conv_mode)
     config = _vl_config(path, raw, tower, len(tokenizer))
     state = _state(path, raw, tower, config.llm.config["vocab_size"])
+    head = state.get("language_model.lm_head.weight")  # tied as the weights are
+    config.llm.config["tie_word_embeddings"] = head is None or torch.equal(
+        head, state["language_model.model.embed_tokens.weight"]
+    )
     return assemble(
         config, tokenizer, state, device=device, dtype=dtype, reducers=reducers, max_length=max_length
     )
@@ -162,8 +172,8 @@ def _checked_config(path: Path) -> dict[str, Any]:
         )
     if raw.get("mm_use_im_start_end"):
         raise ConfigError(
-            f"{path}: mm_use_im_start_end=true (the prompt wraps each image in <im_start> / <im_end> tokens); "
-            "vlbridge imports LLaVA checkpoints trained without them (LLaVA-1.5: false)"
+            f"{path}: mm_use_im_start_end=true (the prompt wraps each image in <im_start> / <im_end> "
+            "tokens); vlbridge imports LLaVA checkpoints trained without them (LLaVA-1.5: false)"
         )
     aspect = raw.get("image_aspect_ratio")
     if isinstance(aspect, str) and aspect.startswith("anyres"):
@@ -200,7 +210,8 @@ def _family(raw: dict[str, Any], path: Path) -> str:
 
 
 def _projector(raw: dict[str, Any], path: Path) -> tuple[str, list[tuple[str, str]]]:
-    """The connector type and the projector's (theirs, ours) weight prefixes (multimodal_projector/builder.py)."""
+    """The connector type and the projector's (theirs, ours) weight prefixes (as
+    multimodal_projector/builder.py builds it)."""
     kind = raw.get("mm_projector_type", "linear")
     if kind == "linear":
         return "linear", [("model.mm_projector.", "frontend.connector.proj.")]
@@ -230,8 +241,8 @@ def _tower_config(tower: str):
         config = AutoConfig.from_pretrained(tower)
     except (OSError, ValueError) as err:
         raise ConfigError(
-            f"mm_vision_tower {tower!r} cannot be opened ({err}); the tower and its image processor come from "
-            "that CLIP checkpoint: put it in the hub cache or pass vision_tower=<local copy>"
+            f"mm_vision_tower {tower!r} cannot be opened ({err}); the tower and its image processor come "
+            "from that CLIP checkpoint: put it in the hub cache or pass vision_tower=<local copy>"
         ) from err
     if config.model_type == "clip":
         config = config.vision_config
@@ -277,7 +288,8 @@ def _text_config(raw: dict[str, Any], family: str, vocab_size: int) -> dict[str,
     """The LLM's config: config.json's keys that a plain `family` config has, vocabulary grown to
     `vocab_size` when the tokenizer gained `<image>`."""
     known = set(AutoConfig.for_model(family).to_dict())
-    given = {k: v for k, v in raw.items() if k in known and k not in _NOT_ARCHITECTURE}
+    given = {k: v for k, v in raw.items() if k in known | {"rope_theta", "rope_scaling"}}
+    given = {k: v for k, v in given.items() if k not in _NOT_ARCHITECTURE and v is not None}
     text = architecture_dict(AutoConfig.for_model(family, **given))
     text = {k: v for k, v in text.items() if k in known}
     text["vocab_size"] = max(int(text["vocab_size"]), vocab_size)
@@ -313,10 +325,21 @@ def _vl_config(path: Path, raw: dict[str, Any], tower: str, vocab_size: int) -> 
 
 
 # -- tokenizer --------------------------------------------------------------------------------------------
-def _tokenizer(path: Path, conv_mode: str):
+def _tokenizer(path: Path, family: str, conv_mode: str):
+    """The tokenizer saved beside the weights (the plain LLM's config tells AutoTokenizer its class where
+    tokenizer_config.json does not), with `<image>`, the llava_v1 template and the original's split."""
     if conv_mode not in SYSTEMS:
         raise ConfigError(f"conv_mode={conv_mode!r}; one of {sorted(SYSTEMS)} (conversation.py)")
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), config=AutoConfig.for_model(family))
+    except (ImportError, OSError, ValueError) as err:
+        if (path / "tokenizer.model").is_file() and not (path / "tokenizer.json").is_file():
+            raise ConfigError(
+                f"{path}: the tokenizer is only a sentencepiece tokenizer.model (as liuhaotian/llava-v1.5-* "
+                "ship it); transformers converts it with the `sentencepiece` and `protobuf` packages "
+                f"(pip install sentencepiece protobuf), or save a tokenizer.json beside it ({err})"
+            ) from err
+        raise
     add_frontend_tokens(tokenizer, [IMAGE_TOKEN])
     tokenizer.chat_template = chat_template(SYSTEMS[conv_mode])
     _match_image_chunks(tokenizer, path)
@@ -381,10 +404,11 @@ def _first_only_metaspace(tokenizer):
     backend = getattr(tokenizer, "backend_tokenizer", None)
     pre = getattr(backend, "pre_tokenizer", None)
     candidates = [pre]
-    try:
-        candidates += [pre[i] for i in range(8)]
-    except (TypeError, IndexError, AttributeError):
-        pass
+    for i in range(16):  # the members of a Sequence pre-tokenizer
+        try:
+            candidates.append(pre[i])
+        except (TypeError, IndexError, AttributeError):
+            break
     for candidate in candidates:
         if type(candidate).__name__ == "Metaspace" and candidate.prepend_scheme == "first":
             return candidate
@@ -399,7 +423,7 @@ def _state(path: Path, raw: dict[str, Any], tower: str, vocab_size: int) -> dict
     state = {k: v for k, v in _read_weights(path).items() if not k.endswith(_DROPPED_BUFFERS)}
     prefixes = [
         *projector,
-        (_TOWER_IN_CHECKPOINT, "frontend.vision_tower.model."),
+        *_TOWER_PREFIXES,
         ("model.", "language_model.model."),
         ("lm_head.", "language_model.lm_head."),
     ]
@@ -428,7 +452,10 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"{path}: no model.safetensors, pytorch_model.bin or their shard indexes")
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
-        state.update(torch.load(path / shard, map_location="cpu", weights_only=True, mmap=True))
+        try:
+            state.update(torch.load(path / shard, map_location="cpu", weights_only=True, mmap=True))
+        except RuntimeError:  # saved before torch's zip format: no mmap
+            state.update(torch.load(path / shard, map_location="cpu", weights_only=True))
     return state
 
 
