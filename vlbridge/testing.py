@@ -294,6 +294,22 @@ TINY_LLAVA_TEMPLATE = (
 )
 
 
+def _tiny_llava_text(family: str, extra_vocab: int = 0, **overrides: Any):
+    """(tokenizer with `<image>`, the tiny LLM's transformers config) of the imported-layout writers."""
+    from transformers import AutoConfig
+
+    tokenizer = train_bpe(_TEXTS * 10, 300)
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<image>"]}, replace_extra_special_tokens=False
+    )
+    tokenizer.pad_token = tokenizer.eos_token
+    config = {**TINY_LLM_CONFIGS[family], **overrides, "vocab_size": len(tokenizer) + extra_vocab}
+    text = AutoConfig.for_model(family, **config)
+    for name in ("bos", "eos", "pad"):
+        setattr(text, f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
+    return tokenizer, text
+
+
 def write_tiny_llava_hf(
     path,
     family: str = "llama",
@@ -317,16 +333,7 @@ def write_tiny_llava_hf(
         LlavaProcessor,
     )
 
-    tokenizer = train_bpe(_TEXTS * 10, 300)
-    tokenizer.add_special_tokens(
-        {"additional_special_tokens": ["<image>"]}, replace_extra_special_tokens=False
-    )
-    tokenizer.pad_token = tokenizer.eos_token
-    text = AutoConfig.for_model(
-        family, **{**TINY_LLM_CONFIGS[family], **text_config}, vocab_size=len(tokenizer) + 3
-    )
-    for name in ("bos", "eos", "pad"):
-        setattr(text, f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
+    tokenizer, text = _tiny_llava_text(family, extra_vocab=3, **text_config)
     config = LlavaConfig(
         vision_config=AutoConfig.for_model(tower, **TINY_TOWER_CONFIGS[tower]),
         text_config=text,
@@ -370,14 +377,7 @@ def write_tiny_llava_next(path, family: str = "llama"):
         LlavaNextProcessor,
     )
 
-    tokenizer = train_bpe(_TEXTS * 10, 300)
-    tokenizer.add_special_tokens(
-        {"additional_special_tokens": ["<image>"]}, replace_extra_special_tokens=False
-    )
-    tokenizer.pad_token = tokenizer.eos_token
-    text = AutoConfig.for_model(family, **TINY_LLM_CONFIGS[family], vocab_size=len(tokenizer))
-    for name in ("bos", "eos", "pad"):
-        setattr(text, f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
+    tokenizer, text = _tiny_llava_text(family)
     pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
     config = LlavaNextConfig(
         vision_config=AutoConfig.for_model("clip_vision_model", **TINY_TOWER_CONFIGS["clip_vision_model"]),

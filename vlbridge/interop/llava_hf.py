@@ -31,7 +31,7 @@ _CLS_TOWERS = {"clip_vision_model"}  # towers whose first token is a CLS token
 _RESAMPLE_NAMES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 _RESAMPLE_CODES = {name: code for code, name in _RESAMPLE_NAMES.items()}
 # transformers' config keys that describe the checkpoint, not the architecture
-_NOT_ARCHITECTURE = {
+NOT_ARCHITECTURE = {
     "model_type",
     "architectures",
     "transformers_version",
@@ -64,7 +64,7 @@ def detect(path: Path) -> bool:
 
 def architecture_dict(config: PretrainedConfig) -> dict[str, Any]:
     """A sub-model's transformers config as the `config:` of a vlbridge section."""
-    return {k: v for k, v in config.to_dict().items() if k not in _NOT_ARCHITECTURE}
+    return {k: v for k, v in config.to_dict().items() if k not in NOT_ARCHITECTURE}
 
 
 def vl_config(path: Path) -> VLConfig:

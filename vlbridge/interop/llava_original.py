@@ -45,7 +45,7 @@ from ..config import VLConfig
 from ..errors import ConfigError
 from ..frontends.base import IMAGE_TOKEN
 from ..tokenization import add_frontend_tokens
-from .llava_hf import architecture_dict, image_section
+from .llava_hf import NOT_ARCHITECTURE, architecture_dict, image_section
 from .weights import INDEX, read_safetensors, rename
 
 ARCHITECTURES = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral"}
@@ -61,16 +61,8 @@ SYSTEMS = {
 }
 DEFAULT_CONV_MODE = "vicuna_v1"  # what the published LLaVA-1.5 numbers (and Turbo/FastV/p-MoD on them) use
 
-# config.json keys of the LLaVA wrapper (not of the LLM); anything else the LLM's config does not know is
-# dropped too (`_text_config`)
-_NOT_ARCHITECTURE = {
-    "model_type",
-    "architectures",
-    "transformers_version",
-    "_name_or_path",
-    "dtype",
-    "torch_dtype",
-}
+# config.json keys of the LLaVA wrapper (not of the LLM), NOT_ARCHITECTURE; anything else the LLM's config
+# does not know is dropped too (`_text_config`)
 _DROPPED_BUFFERS = ("rotary_emb.inv_freq", "embeddings.position_ids")  # buffers older versions saved
 # a tower trained unfrozen: CLIPVisionModel's keys as transformers 4 saved them (under `vision_model.`), or as
 # transformers 5 names them (PrefixChange in its conversion_mapping)
@@ -289,7 +281,7 @@ def _text_config(raw: dict[str, Any], family: str, vocab_size: int) -> dict[str,
     `vocab_size` when the tokenizer gained `<image>`."""
     known = set(AutoConfig.for_model(family).to_dict())
     given = {k: v for k, v in raw.items() if k in known | {"rope_theta", "rope_scaling"}}
-    given = {k: v for k, v in given.items() if k not in _NOT_ARCHITECTURE and v is not None}
+    given = {k: v for k, v in given.items() if k not in NOT_ARCHITECTURE and v is not None}
     text = architecture_dict(AutoConfig.for_model(family, **given))
     text = {k: v for k, v in text.items() if k in known}
     text["vocab_size"] = max(int(text["vocab_size"]), vocab_size)
