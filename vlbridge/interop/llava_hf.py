@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoProcessor, AutoTokenizer, PretrainedCon
 
 from ..config import VLConfig
 from ..errors import ConfigError
+from ..factory import assemble
 from ..frontends.base import IMAGE_TOKEN
 from .weights import read_safetensors, rename
 
@@ -67,10 +68,9 @@ def architecture_dict(config: PretrainedConfig) -> dict[str, Any]:
     return {k: v for k, v in config.to_dict().items() if k not in NOT_ARCHITECTURE}
 
 
-def vl_config(path: Path) -> VLConfig:
-    """The vlbridge config of the checkpoint at `path`: transformers' config plus its processor files."""
+def vl_config(path: Path, processor) -> VLConfig:
+    """The vlbridge config of the checkpoint at `path`: transformers' config plus its processor's settings."""
     hf = AutoConfig.from_pretrained(str(path))
-    processor = AutoProcessor.from_pretrained(str(path))
     strategy = hf.vision_feature_select_strategy
     tower = hf.vision_config.model_type
     if strategy == "default" and tower not in _CLS_TOWERS:
@@ -159,13 +159,11 @@ def load(
     path: Path, *, device: str = "cpu", dtype: torch.dtype | None = None, reducers=None, max_length=None
 ):
     """(model in eval mode, processor) from a transformers LLaVA checkpoint directory."""
-    from ..factory import assemble
-
-    config = vl_config(path)
+    hf_processor = AutoProcessor.from_pretrained(str(path))
+    config = vl_config(path, hf_processor)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    processor = AutoProcessor.from_pretrained(str(path))
-    if processor.chat_template:
-        tokenizer.chat_template = processor.chat_template
+    if hf_processor.chat_template:
+        tokenizer.chat_template = hf_processor.chat_template
     state = rename(read_safetensors(path), PREFIXES, path)
     # tied as the weights are, whatever the text config says: transformers' LLaVA-NeXT keeps a separate
     # lm_head even for LLMs that tie theirs

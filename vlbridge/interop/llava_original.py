@@ -43,6 +43,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPVisi
 
 from ..config import VLConfig
 from ..errors import ConfigError
+from ..factory import assemble
 from ..frontends.base import IMAGE_TOKEN
 from ..tokenization import add_frontend_tokens
 from .llava_hf import NOT_ARCHITECTURE, architecture_dict, image_section
@@ -127,8 +128,6 @@ def load(
     `vision_tower` replaces `mm_vision_tower` (the CLIP checkpoint the original code loads the tower and
     image processor from); `conv_mode` picks the system prompt ('llava_v1' or 'vicuna_v1', conversation.py).
     """
-    from ..factory import assemble
-
     path = Path(path)
     raw = _checked_config(path)
     tower = _tower_ref(raw, vision_tower)
