@@ -57,7 +57,8 @@ def build_llm(config: VLConfig, tokenizer, device: str = "cpu", dtype: torch.dty
 class VLModelOutput(CausalLMOutputWithPast):
     """The LLM's output plus what the front-end made of the images, as transformers' VLMs return it."""
 
-    image_hidden_states: torch.FloatTensor | None = None  # [N_img, V, D]
+    # [N_img, V, D]; where counts differ per image, llava_next packs them [1, ΣV, D], solo gives [ΣV, D]
+    image_hidden_states: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -68,7 +69,7 @@ class LLMInputs:
     inputs_embeds: torch.Tensor  # [B, T, D], images spliced in
     attention_mask: torch.Tensor  # [B, T], 1 = real token
     position_ids: torch.Tensor | None  # [B, T]; None: the LLM counts positions itself
-    image_hidden_states: torch.Tensor | None  # the front-end's output per image [N_img, V, D]
+    image_hidden_states: torch.Tensor | None  # the front-end's output (as VLModelOutput's)
     visual_mask: torch.Tensor | None  # [B, T] bool, where in-LLM reducers read which tokens are visual
     key_bias: torch.Tensor | None  # [B, T] log size of merged visual tokens, for the size bias
     frontend_kwargs: dict[str, Any]  # what a deep-fusion front-end's hooks read in every call (decode too)
