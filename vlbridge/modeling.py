@@ -138,6 +138,18 @@ class VLModel(nn.Module):
         """Write a checkpoint directory atomically (`vlbridge.factory.load_pretrained` opens it)."""
         save_model(self, path, tokenizer)
 
+    def activation_checkpointing(self) -> list[str]:
+        """Recompute the LLM's decoder layers and the vision tower's blocks in backward (transformers'
+        non-reentrant checkpointing, through PEFT wrappers); returns the parts that support it."""
+        options = {"use_reentrant": False}
+        self.language_model.activation_checkpointing_enable(options)
+        parts = ["llm"]
+        tower = getattr(self.frontend, "vision_tower", None)
+        if tower is not None and tower.model.supports_gradient_checkpointing:
+            tower.model.activation_checkpointing_enable(options)
+            parts.append("vision_tower")
+        return parts
+
     @property
     def keeps_batch_state(self) -> bool:
         """True when a batch's rows are tied together until it is done: a deep-fusion front-end's per-row

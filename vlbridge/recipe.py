@@ -62,6 +62,9 @@ class TrainConfig(Strict):
     tensorboard: bool = False
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     preencode: bool = Field(default=True, description="encode all samples before the loop (small datasets)")
+    # recompute the LLM's decoder layers and the vision tower's blocks in backward (non-reentrant): activation
+    # memory for compute
+    gradient_checkpointing: bool = False
 
     @field_validator("stages")
     @classmethod

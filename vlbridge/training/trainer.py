@@ -43,6 +43,10 @@ class Trainer:
         self.data_seconds = 0.0
         self.run_dir = recipe.run_dir
         self.writer = self._tensorboard() if recipe.train.tensorboard else None
+        if recipe.train.gradient_checkpointing:
+            parts = model.activation_checkpointing()
+            if accelerator.is_main_process:
+                console.print(f"activation checkpointing: {', '.join(parts)}")
 
     def _tensorboard(self):
         if not self.accelerator.is_main_process:
