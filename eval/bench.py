@@ -64,6 +64,7 @@ class BenchCase(Strict):
     model: dict[str, Any] = Field(default_factory=dict)  # merged over BenchConfig.defaults
     image_size: int | tuple[int, int] = 224  # input image (width, height) before the front-end's transform
     train_modules: dict[str, Mode] = Field(default_factory=dict)  # empty: no train-step measurement
+    gradient_checkpointing: bool = False  # the train step with the LLM and tower recomputed in backward
     group: str | None = None  # cases of one group form a line in the plot (e.g. a resolution sweep)
 
 
@@ -311,6 +312,8 @@ class Bench:
         stage = StageConfig(name="bench", modules=case.train_modules, steps=1, lr=1e-5)
         apply_stage(model, stage, cfg.lora)
         model.train()
+        if case.gradient_checkpointing:
+            model.activation_checkpointing()
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=1e-5)
         encoded = processor.encode(self._messages(processor, True), [image], sample_id="bench")
@@ -326,7 +329,12 @@ class Bench:
             optimizer.zero_grad(set_to_none=True)
 
         seconds = median_seconds(step, device, cfg.repeats, cfg.warmup)
-        return {"train_step_s": seconds, "trainable_params": parameter_counts(model)[0]}
+        with peak_memory(device) as peak:  # activations and gradients of one step (weights excluded)
+            step()
+        out = {"train_step_s": seconds, "trainable_params": parameter_counts(model)[0]}
+        if peak["bytes"] is not None:
+            out["train_peak_mb"] = peak["bytes"] / 2**20
+        return out
 
 
 def add_ratios(results: list[dict[str, Any]], baseline: str) -> None:

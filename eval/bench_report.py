@@ -16,6 +16,7 @@ METRICS: dict[str, tuple[str, str]] = {  # key -> (column title, format)
     "sequence_length": ("seq len", "{:,.0f}"),
     "trainable_params": ("trainable", "{:,.0f}"),
     "train_step_s": ("train step s", "{:.4f}"),
+    "train_peak_mb": ("train step peak MB", "{:,.1f}"),
     "embed_s": ("front-end s", "{:.4f}"),  # tower + connector + splice
     "llm_prefill_s": ("LLM prefill s", "{:.4f}"),
     "prefill_s": ("prefill s", "{:.4f}"),  # front-end + LLM prefill
@@ -32,6 +33,7 @@ METRICS: dict[str, tuple[str, str]] = {  # key -> (column title, format)
 }
 RATIO_KEYS = (
     "train_step_s",
+    "train_peak_mb",
     "embed_s",
     "llm_prefill_s",
     "prefill_s",

@@ -47,6 +47,13 @@ def bench_run(tmp_path_factory):
                 "model": {"frontend": deep_merge(frontend, {"connector": {"merge": 1}})},
                 "train_modules": {"llm": "full"},
             },
+            {
+                "name": "unmerged_recomputed",
+                "image_size": [40, 24],
+                "model": {"frontend": deep_merge(frontend, {"connector": {"merge": 1}})},
+                "train_modules": {"llm": "full"},
+                "gradient_checkpointing": True,
+            },
             *(
                 {"name": f"{kind}_{side}", "group": kind, "image_size": side, "model": {"frontend": fe}}
                 for kind in ("solo", "adem_vl")
@@ -104,6 +111,9 @@ def test_trainable_parameters_are_counted_per_mode(bench_run):
     frontend = sum(p.numel() for p in unmerged.frontend.parameters())
     assert results["unmerged"]["trainable_params"] == results["unmerged"]["total_params"] - frontend
     assert results["unmerged"]["train_step_s"] > 0
+    recomputed = results["unmerged_recomputed"]  # same parameters, trained with activation checkpointing
+    assert recomputed["trainable_params"] == results["unmerged"]["trainable_params"]
+    assert recomputed["train_step_s"] > 0 and "train_peak_mb_ratio" in recomputed
 
 
 def test_ratios_and_reports(bench_run):
@@ -254,3 +264,9 @@ def test_shipped_imported_benchmark_is_valid():
     path = Path(__file__).parents[2] / "eval" / "benchmarks" / "imported.yaml"
     config = load_yaml_config(path, BenchConfig, ["checkpoint=/any/llava"], what="benchmark")
     assert config.checkpoint == "/any/llava" and config.baseline == "as_imported"
+
+
+def test_shipped_checkpointing_benchmark_is_valid():
+    path = Path(__file__).parents[2] / "eval" / "benchmarks" / "checkpointing.yaml"
+    config = load_yaml_config(path, BenchConfig, [], what="benchmark")
+    assert [c.gradient_checkpointing for c in config.cases] == [False, True]
