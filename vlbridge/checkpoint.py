@@ -35,42 +35,58 @@ def atomic_dir(path: str | os.PathLike):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_model(model, path, tokenizer=None) -> None:
-    """Write the whole model (and tokenizer) into `path` atomically."""
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Put the finished directory `tmp` at `path` by renames only (an older `path` is removed after)."""
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(model, path, tokenizer=None, *, state: dict | None = None) -> None:
+    """Write the whole model (and tokenizer) into `path` atomically; `state` as in `write_model_files`."""
     with atomic_dir(path) as tmp:
-        write_model_files(model, tmp, tokenizer)
+        write_model_files(model, tmp, tokenizer, state=state)
 
 
-def write_model_files(model, out: Path, tokenizer=None) -> None:
-    llm = model.language_model
-    base = llm.get_base_model() if isinstance(llm, PeftModel) else llm
-    base.save_pretrained(out / "llm", state_dict=clean_state_dict(llm))
-    save_file(
-        {k: v.contiguous() for k, v in clean_state_dict(model.frontend).items()}, str(out / FRONTEND_FILE)
-    )
-    reducer_state = clean_state_dict(model.reducers)
-    if reducer_state:
-        save_file({k: v.contiguous() for k, v in reducer_state.items()}, str(out / REDUCERS_FILE))
-    for group, module in model.lora_groups().items():
-        module.save_pretrained(str(out / "adapters" / group))
+def write_model_files(model, out: Path, tokenizer=None, *, state: dict | None = None, weights: bool = True):
+    """`state`: the whole model's weights under its own names, when the module does not hold them itself
+    (gathered from shards). `weights=False` writes only config and tokenizer (a sharded training
+    checkpoint keeps its weights in the shards)."""
+    if weights:
+        _write_weights(model, out, model.state_dict() if state is None else state)
     resolved = model.config.model_copy(deep=True)
     resolved.llm.name_or_path, resolved.llm.config = "llm", {}
     resolved.frontend = model.frontend.resolved_config()
     (out / CONFIG_FILE).write_text(json.dumps(resolved.model_dump(mode="json"), indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
+
+
+def _write_weights(model, out: Path, state: dict) -> None:
+    def part(path: str) -> dict:
+        return {k[len(path) + 1 :]: v for k, v in state.items() if k.startswith(path + ".")}
+
+    llm = model.language_model
+    base = llm.get_base_model() if isinstance(llm, PeftModel) else llm
+    base.save_pretrained(out / "llm", state_dict=clean_state_dict(part("language_model")))
+    frontend = clean_state_dict(part("frontend"))
+    save_file({k: v.contiguous() for k, v in frontend.items()}, str(out / FRONTEND_FILE))
+    reducer_state = clean_state_dict(part("reducers"))
+    if reducer_state:
+        save_file({k: v.contiguous() for k, v in reducer_state.items()}, str(out / REDUCERS_FILE))
+    paths = model.group_paths()
+    for group, module in model.lora_groups().items():
+        module.save_pretrained(str(out / "adapters" / group), state_dict=part(paths[group]))
 
 
 def read_config(path, reducers: list | None = None) -> VLConfig:

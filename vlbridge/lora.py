@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
@@ -31,12 +33,20 @@ def is_adapter_param(name: str) -> bool:
     return any(tag in name for tag in _ADAPTER_TAGS)
 
 
-def wrap(module: nn.Module, config: LoraConfig, group: str) -> PeftModel:
-    """PEFT-wrap one module group; an empty target match is a config error, not a silent no-op."""
+def wrap(module: nn.Module, config: LoraConfig, group: str, seed: int | None = None) -> PeftModel:
+    """PEFT-wrap one module group; an empty target match is a config error, not a silent no-op.
+
+    With `seed`, the adapters' initial values depend only on it and the group, not on what drew random
+    numbers before (a sharded run wraps every group up front, an unsharded one at its stage)."""
     if isinstance(module, PeftModel):
         return module
     try:
-        return get_peft_model(module, config)
+        if seed is None:
+            return get_peft_model(module, config)
+        with torch.random.fork_rng():
+            digest = hashlib.sha256(f"{seed}:{group}".encode()).digest()
+            torch.manual_seed(int.from_bytes(digest[:7], "little"))
+            return get_peft_model(module, config)
     except ValueError as err:
         raise ConfigError(
             f"LoRA on {group!r}: target_modules={config.target_modules!r} matched nothing ({err}); "
@@ -44,10 +54,11 @@ def wrap(module: nn.Module, config: LoraConfig, group: str) -> PeftModel:
         ) from err
 
 
-def clean_state_dict(module: nn.Module) -> dict:
-    """State dict with every adapter parameter dropped and PEFT's renaming undone (base weights only)."""
+def clean_state_dict(state: dict) -> dict:
+    """A module's state dict with every adapter parameter dropped and PEFT's renaming undone (base weights
+    only)."""
     clean = {}
-    for key, value in module.state_dict().items():
+    for key, value in state.items():
         if is_adapter_param(key):
             continue
         key = key.replace(".token_adapter.base_layer.", ".").replace(".base_layer.", ".")

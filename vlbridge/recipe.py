@@ -22,9 +22,11 @@ from .config import (
 )
 from .data.formats import DataSourceConfig
 from .errors import ConfigError
-from .registry import DATA_FORMATS, REDUCERS
+from .registry import DATA_FORMATS, DISTRIBUTED, REDUCERS
+from .training.distributed import DistributedConfig
 
 DataSource = Annotated[SerializeAsAny[DataSourceConfig], dispatch_on_type(DATA_FORMATS, DataSourceConfig)]
+Distributed = Annotated[SerializeAsAny[DistributedConfig], dispatch_on_type(DISTRIBUTED, DistributedConfig)]
 Mode = Literal["frozen", "lora", "full"]
 M = TypeVar("M", bound=BaseModel)
 
@@ -65,6 +67,9 @@ class TrainConfig(Strict):
     # recompute the LLM's decoder layers and the vision tower's blocks in backward (non-reentrant): activation
     # memory for compute
     gradient_checkpointing: bool = False
+    # how ranks share the model: ddp (replicas), fsdp (torch FSDP2 shards), deepspeed (ZeRO); a name or a
+    # section with the engine's options, e.g. {type: fsdp, reshard_after_forward: false}
+    distributed: Distributed = Field(default_factory=DistributedConfig)
 
     @field_validator("stages")
     @classmethod

@@ -68,6 +68,8 @@ REDUCERS: Registry[Any] = Registry("reducer")
 DATA_FORMATS: Registry[Any] = Registry("data format")
 # checkpoint layouts besides vlbridge's own: objects with detect(path), load(path, ...) and export(...)
 CHECKPOINT_FORMATS: Registry[Any] = Registry("checkpoint format")
+# how a training run's ranks share the model (train.distributed)
+DISTRIBUTED: Registry[Any] = Registry("distributed engine")
 
 _BUILTIN_MODULES = (
     "vlbridge.frontends",
@@ -84,6 +86,7 @@ _BUILTIN_MODULES = (
     "vlbridge.reducers.tome",
     "vlbridge.data.formats",
     "vlbridge.interop",
+    "vlbridge.training.distributed",
 )
 _loaded = False
 

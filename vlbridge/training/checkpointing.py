@@ -1,21 +1,26 @@
-"""Training checkpoints: the model in its HF-native layout plus optimizer, scheduler and trainer state.
+"""Training checkpoints: the model (its files, or its shards under FSDP) plus optimizer, scheduler and
+trainer state.
 
-Each checkpoint directory is written to a temp dir and renamed into place, so a run killed at any
-moment leaves either the previous complete checkpoint or the new one, never half of one.
+Every rank writes its part into one temp dir beside the checkpoint, which the main process renames into
+place once all are done, so a run killed at any moment (any rank) leaves either the previous complete
+checkpoint or the new one, never half of one.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import atomic_dir, write_model_files
+from ..checkpoint import replace_dir
+from .distributed import SHARDS_DIR
 
 STATE_FILE = "trainer_state.json"
+SCHEDULER_FILE = "scheduler.pt"
 
 
 @dataclass
@@ -33,14 +38,38 @@ def checkpoint_dir(run_dir: Path, global_step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{global_step:08d}"
 
 
-def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, state: TrainerState) -> Path:
+def save_checkpoint(
+    run_dir: Path, engine, model, tokenizer, optimizer, scheduler, state: TrainerState
+) -> Path:
+    """Called on every rank: the engine writes weights and optimizer (the main process, or each its shard)."""
     path = checkpoint_dir(run_dir, state.global_step)
-    with atomic_dir(path) as tmp:
-        write_model_files(model, tmp, tokenizer)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    accelerator = engine.accelerator
+    with shared_atomic_dir(path, accelerator) as tmp:
+        engine.save(tmp, model, optimizer, tokenizer)
+        if accelerator.is_main_process:
+            torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
     return path
+
+
+@contextmanager
+def shared_atomic_dir(path: Path, accelerator):
+    """One temp dir for all ranks (a fixed name beside `path`, so a killed run's leftover is cleared first),
+    renamed into place by the main process after every rank has finished writing."""
+    tmp = path.with_name(f".{path.name}.partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    yield tmp
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        replace_dir(tmp, path)
+
+
+def is_sharded(path: Path) -> bool:
+    """A checkpoint whose weights are in per-rank shards (FSDP), not in model files."""
+    return (path / SHARDS_DIR).is_dir()
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

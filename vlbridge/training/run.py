@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from rich.console import Console
+from transformers import AutoTokenizer
 
+from ..checkpoint import save_model
 from ..data.formats import load_source
 from ..errors import ConfigError
 from ..factory import build as build_model
@@ -23,7 +25,7 @@ from ..modeling import VLModel
 from ..processing import VLProcessor
 from ..recipe import Recipe, dump_recipe
 from ..tokenization import load_tokenizer
-from .checkpointing import TrainerState, latest_checkpoint, load_state
+from .checkpointing import TrainerState, is_sharded, latest_checkpoint, load_state
 from .trainer import Trainer
 
 MODEL_DIR = "model"
@@ -76,22 +78,28 @@ def training_texts(datasets: list, image_token: str) -> list[str]:
 def build(recipe: Recipe, stage_data: list, resume_from: Path | None, device: str):
     """(model, processor, state): fresh from the recipe, or exactly as the checkpoint left them.
 
-    Weights are fp32 masters whatever the device; on GPU, accelerate runs the math under bf16 autocast.
+    Weights are fp32 masters whatever the device; on GPU, accelerate runs the math under bf16 autocast. A
+    sharded checkpoint's weights are loaded by the engine once the model is sharded; here it is built as at
+    the start (with the checkpoint's tokenizer).
     """
-    if resume_from is not None:
+    if resume_from is not None and not is_sharded(resume_from):
         model, processor = load_pretrained(resume_from, device=device, dtype=torch.float32)
         return model, processor, load_state(resume_from)
+    state = TrainerState() if resume_from is None else load_state(resume_from)
     if recipe.init_from is not None:
         start = recipe.init_from
         torch.manual_seed(recipe.seed)  # new reducers' parameters (p-MoD routers) start the same every run
         model, processor = load_pretrained(
             start.path, device=device, dtype=torch.float32, reducers=start.reducers or None
         )
-        return model, processor, TrainerState()
-    tokenizer = load_tokenizer(recipe.tokenizer, training_texts(stage_data, recipe.model.image_token))
+        return model, processor, state
+    if resume_from is not None:
+        tokenizer = AutoTokenizer.from_pretrained(str(resume_from))
+    else:
+        tokenizer = load_tokenizer(recipe.tokenizer, training_texts(stage_data, recipe.model.image_token))
     torch.manual_seed(recipe.seed)
     model, processor = build_model(recipe.model, tokenizer, device=device, dtype=torch.float32)
-    return model, processor, TrainerState()
+    return model, processor, state
 
 
 def run_training(
@@ -118,16 +126,23 @@ def run_training(
     trainer = Trainer(recipe, model, processor, stage_data, accelerator, console)
     state = trainer.train(state, resume_from)
     model = accelerator.unwrap_model(trainer.model)
+    gathered = trainer.engine.full_state(model)  # sharded weights, whole in the main process
     summary = {
         "train_seconds": state.train_seconds,
         "data_seconds": trainer.data_seconds,
         "global_steps": state.global_step,
         "samples_seen": state.samples_seen,
         "dropped_samples": trainer.drops.counts,
+        "rank_state_bytes": trainer.state_bytes,
     }
     if not accelerator.is_main_process:
         return summary
-    model.save_pretrained(run_dir / MODEL_DIR, processor.tokenizer)
+    save_model(model, run_dir / MODEL_DIR, processor.tokenizer, state=gathered)
+    if gathered is not None:  # evaluate the saved model: the sharded one answers only with every rank
+        device = accelerator.device
+        model, processor = load_pretrained(
+            run_dir / MODEL_DIR, device=str(device) if device.index else device.type
+        )
     if trainer.drops.total:
         console.print(
             f"[yellow]dropped {trainer.drops.total} over-long training samples: {trainer.drops.counts}"

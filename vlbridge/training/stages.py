@@ -20,8 +20,9 @@ class GroupReport:
     total: int
 
 
-def apply_stage(model, stage: StageConfig, lora: LoRASettings) -> list[GroupReport]:
-    """Set requires_grad (wrapping with LoRA or merging it away as the stage says) for every group."""
+def apply_stage(model, stage: StageConfig, lora: LoRASettings, seed: int = 0) -> list[GroupReport]:
+    """Set requires_grad (wrapping with LoRA or merging it away as the stage says) for every group; new
+    adapters start from `seed`."""
     groups = model.group_paths()
     unknown = sorted(set(stage.modules) - set(groups))
     if unknown:
@@ -36,7 +37,7 @@ def apply_stage(model, stage: StageConfig, lora: LoRASettings) -> list[GroupRepo
         if mode == "lora":
             tokens = model.frontend.trained_token_ids() if name == "llm" else None
             config = lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules, tokens)
-            module = wrap(module, config, name)
+            module = wrap(module, config, name, seed)
             for pname, param in module.named_parameters():
                 param.requires_grad_(is_adapter_param(pname))
         elif mode == "full":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,14 +17,18 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from ..processing import DropCounter, VLProcessor
 from ..recipe import Recipe, StageConfig
 from .batches import EncodedSamples
-from .checkpointing import TrainerState, prune_checkpoints, save_checkpoint
+from .checkpointing import SCHEDULER_FILE, TrainerState, prune_checkpoints, save_checkpoint
+from .distributed import engine_for, state_bytes
 from .sampler import BatchOrder
 from .stages import apply_stage, optimizer_groups, stage_table
 
+METRICS_FILE = "metrics.jsonl"
 
-def step_seed(seed: int, rank: int, global_step: int) -> int:
-    """RNG seed for one optimizer step: a pure function, so a resumed run draws the same dropout masks."""
-    digest = hashlib.sha256(f"{seed}:{rank}:{global_step}".encode()).digest()
+
+def batch_seed(seed: int, stage: str, position: int) -> int:
+    """RNG seed for one micro-batch, from its position in the stage's global batch order: a pure function,
+    so a resumed run draws the same dropout masks, and so does a run on any number of ranks."""
+    digest = hashlib.sha256(f"{seed}:{stage}:{position}".encode()).digest()
     return int.from_bytes(digest[:8], "little") % (2**63)
 
 
@@ -47,6 +52,10 @@ class Trainer:
             parts = model.activation_checkpointing()
             if accelerator.is_main_process:
                 console.print(f"activation checkpointing: {', '.join(parts)}")
+        self.engine = engine_for(recipe.train.distributed, accelerator)
+        self.model = self.engine.setup(model, recipe)
+        # per stage: bytes of parameters, gradients and optimizer state this rank held at its first step
+        self.state_bytes: dict[str, dict[str, int]] = {}
 
     def _tensorboard(self):
         if not self.accelerator.is_main_process:
@@ -56,6 +65,8 @@ class Trainer:
         return SummaryWriter(str(self.run_dir / "logs"))
 
     def train(self, state: TrainerState, resume_from: Path | None = None) -> TrainerState:
+        if self.accelerator.is_main_process:
+            self._trim_metrics(state.global_step)
         for index, stage in enumerate(self.recipe.train.stages):
             if index < state.stage:
                 continue
@@ -69,22 +80,24 @@ class Trainer:
     def _run_stage(
         self, index: int, stage: StageConfig, state: TrainerState, resume_from: Path | None
     ) -> None:
-        reports = apply_stage(self.model, stage, self.recipe.train.lora)
+        reports = apply_stage(self.model, stage, self.recipe.train.lora, self.recipe.seed)
         if self.accelerator.is_main_process:
             self.console.print(stage_table(stage, reports))
         optimizer = torch.optim.AdamW(optimizer_groups(self.model, stage), betas=(0.9, 0.95))
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
             optimizer, stage.warmup_steps, stage.steps, min_lr_rate=stage.min_lr_ratio
         )
-        if resume_from is not None and state.stage_step > 0:
-            optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", weights_only=True))
-            scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=True))
+        if resume_from is not None:
+            mid_stage = state.stage_step > 0
+            self.engine.load(resume_from, self.model, optimizer if mid_stage else None)
+            if mid_stage:
+                scheduler.load_state_dict(torch.load(resume_from / SCHEDULER_FILE, weights_only=True))
         data = self._data(index)
         acc = self.accelerator
         order = BatchOrder(
             len(data), stage.batch_size, self.recipe.seed + index, acc.process_index, acc.num_processes
         )
-        wrapped, optimizer = acc.prepare(self.model, optimizer)
+        wrapped, optimizer = self.engine.prepare(self.model, optimizer)
         bar = tqdm(
             total=stage.steps, initial=state.stage_step, desc=stage.name, disable=not acc.is_main_process
         )
@@ -115,11 +128,12 @@ class Trainer:
     def _step(self, wrapped, optimizer, scheduler, data, order, stage, state) -> tuple[float, int]:
         """One optimizer step over `grad_accum` micro-batches; returns (mean loss, tokens processed)."""
         acc = self.accelerator
-        torch.manual_seed(step_seed(self.recipe.seed, acc.process_index, state.global_step))
         wrapped.train()
         total_loss, tokens = 0.0, 0
         for micro in range(stage.grad_accum):
             k = state.stage_step * stage.grad_accum + micro
+            position = k * acc.num_processes + acc.process_index
+            torch.manual_seed(batch_seed(self.recipe.seed, stage.name, position))
             indices = order.batch(k)
             batch = data.batch(indices)
             state.samples_seen += len(indices) * acc.num_processes
@@ -128,7 +142,7 @@ class Trainer:
             batch = {key: v.to(acc.device) if torch.is_tensor(v) else v for key, v in batch.items()}
             tokens += int(batch["attention_mask"].sum())
             last = micro == stage.grad_accum - 1
-            with nullcontext() if last else acc.no_sync(wrapped):
+            with nullcontext() if last else self.engine.no_sync(wrapped):
                 out = wrapped(**batch)
                 acc.backward(out.loss / stage.grad_accum)
             total_loss += float(out.loss.detach()) / stage.grad_accum
@@ -136,11 +150,19 @@ class Trainer:
             acc.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], stage.max_grad_norm)
         optimizer.step()
         scheduler.step()
+        if stage.name not in self.state_bytes:
+            self.state_bytes[stage.name] = state_bytes(wrapped, optimizer)
         optimizer.zero_grad(set_to_none=True)
-        return total_loss, tokens * acc.num_processes
+        loss = acc.reduce(torch.tensor(total_loss, device=acc.device), "mean")  # the global batch's loss
+        return float(loss), tokens * acc.num_processes
 
     def _log(self, state: TrainerState, loss: float, tokens_per_s: float, lr: float) -> None:
-        if self.writer is not None and state.global_step % self.recipe.train.log_every == 0:
+        if state.global_step % self.recipe.train.log_every or not self.accelerator.is_main_process:
+            return
+        record = {"step": state.global_step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s}
+        with open(self.run_dir / METRICS_FILE, "a") as out:
+            out.write(json.dumps(record) + "\n")
+        if self.writer is not None:
             self.writer.add_scalar("train/loss", loss, state.global_step)
             self.writer.add_scalar("train/tokens_per_s", tokens_per_s, state.global_step)
             self.writer.add_scalar("train/lr", lr, state.global_step)
@@ -152,10 +174,15 @@ class Trainer:
         self.save_checkpoint(optimizer, scheduler, state)
 
     def save_checkpoint(self, optimizer, scheduler, state: TrainerState) -> None:
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            model = acc.unwrap_model(self.model)
-            save_checkpoint(self.run_dir, model, self.processor.tokenizer, optimizer, scheduler, state)
+        save_checkpoint(
+            self.run_dir, self.engine, self.model, self.processor.tokenizer, optimizer, scheduler, state
+        )
+        if self.accelerator.is_main_process:
             prune_checkpoints(self.run_dir, self.recipe.train.keep_checkpoints)
-        acc.wait_for_everyone()
+
+    def _trim_metrics(self, global_step: int) -> None:
+        """A resumed run logs again from its checkpoint: drop what the interrupted one logged after it."""
+        path = self.run_dir / METRICS_FILE
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= global_step]
+            path.write_text("".join(line + "\n" for line in kept))
