@@ -1,9 +1,10 @@
 """How the ranks of a run share the model: the engines behind `train.distributed` (ddp | fsdp | deepspeed).
 
 An engine prepares the model once for the run (`setup`) and for each stage's optimizer (`prepare`),
-tells a micro-batch not to synchronise gradients (`no_sync`), writes and reads its part of a training
-checkpoint (`save` / `load`, called on every rank inside one shared directory) and hands the main process
-the whole model's weights at the end (`full_state`).
+runs a micro-batch's backward (`backward`, inside `no_sync` but for the last of a step) and the optimizer
+step (`step`, clipping first), writes and reads its part of a training checkpoint (`save` / `load`, called
+on every rank inside one shared directory) and hands the main process the whole model's weights at the end
+(`full_state`). `DDP` is the base the others build on.
 """
 
 from __future__ import annotations
@@ -50,6 +51,15 @@ class DDP:
     def no_sync(self, wrapped):
         return self.accelerator.no_sync(wrapped)
 
+    def backward(self, wrapped, loss) -> None:
+        self.accelerator.backward(loss)
+
+    def step(self, wrapped, optimizer, max_grad_norm: float | None) -> None:
+        if max_grad_norm is not None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            self.accelerator.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+
     def save(self, out: Path, model, optimizer, tokenizer) -> None:
         if self.accelerator.is_main_process:
             write_model_files(self.accelerator.unwrap_model(model), out, tokenizer)
@@ -74,7 +84,7 @@ class FSDPConfig(DistributedConfig):
 
 
 @DISTRIBUTED.register("fsdp", config=FSDPConfig)
-class FSDP:
+class FSDP(DDP):
     """Parameters, gradients and optimizer state sharded across ranks with torch's FSDP2 (`fully_shard`):
     each LLM decoder layer and each vision block is one unit, gathered only while it runs; the rest of the
     model (embeddings, connector, front-end and reducer modules) is the root unit. On GPUs the same calls

@@ -144,11 +144,9 @@ class Trainer:
             last = micro == stage.grad_accum - 1
             with nullcontext() if last else self.engine.no_sync(wrapped):
                 out = wrapped(**batch)
-                acc.backward(out.loss / stage.grad_accum)
+                self.engine.backward(wrapped, out.loss / stage.grad_accum)
             total_loss += float(out.loss.detach()) / stage.grad_accum
-        if stage.max_grad_norm is not None:
-            acc.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], stage.max_grad_norm)
-        optimizer.step()
+        self.engine.step(wrapped, optimizer, stage.max_grad_norm)
         scheduler.step()
         if stage.name not in self.state_bytes:
             self.state_bytes[stage.name] = state_bytes(wrapped, optimizer)
