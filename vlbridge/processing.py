@@ -37,8 +37,13 @@ class DropCounter:
 
     counts: dict[str, int] = field(default_factory=dict)
 
-    def add(self, reason: str) -> None:
-        self.counts[reason] = self.counts.get(reason, 0) + 1
+    def add(self, reason: str, count: int = 1) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + count
+
+    def merge(self, counts: dict[str, int]) -> None:
+        """Add counts made elsewhere (a DataLoader worker's, which cannot reach this counter)."""
+        for reason, count in counts.items():
+            self.add(reason, count)
 
     @property
     def total(self) -> int:

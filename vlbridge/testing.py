@@ -158,6 +158,12 @@ def tiny_tokenizer(config: VLConfig | None = None, vocab_size: int = 300):
     return add_frontend_tokens(tokenizer, list(image_layout(config).special_tokens))
 
 
+def tiny_processor(family: str = "llama", tower: str = "clip_vision_model", **overrides: Any) -> VLProcessor:
+    """The processor `tiny_model` would come with, without building the model (data pipelines, benchmarks)."""
+    config = tiny_vl_config(family, tower, **overrides)
+    return VLProcessor.from_config(config, tiny_tokenizer(config))
+
+
 def tiny_model(
     family: str = "llama",
     tower: str = "clip_vision_model",

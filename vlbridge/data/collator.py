@@ -41,9 +41,9 @@ class Collator:
     """`collate_fn` for a DataLoader: raw samples (or pre-encoded `Encoded`) -> one padded batch.
 
     `drops` is shared with the caller so drops that happen lazily, inside batches, are still reported
-    (in the main process only: DataLoader workers count in their own copies, so pre-encode with
-    `prepare_samples` when exact counts matter). A batch whose every sample was dropped comes back as
-    None; training loops skip it.
+    (in the main process only: DataLoader workers count in their own copies, so `training/loader.py`
+    sends each batch's counts back with it). A batch whose every sample was dropped comes back as None;
+    training loops skip it.
     """
 
     def __init__(self, processor: VLProcessor, drops: DropCounter | None = None, *, side: str = "right"):

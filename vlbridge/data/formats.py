@@ -131,14 +131,21 @@ def hf_dataset(cfg: HFDatasetConfig) -> Sequence[dict]:
             f"{cfg.path}: no column {cfg.messages_column!r}; columns are {', '.join(ds.column_names)}"
         )
 
+    return LazySamples(ds, hf_row_converter(cfg.messages_column, cfg.image_column))
+
+
+def hf_row_converter(messages_column: str, image_column: str):
+    """`convert(row, index)` for `datasets` rows: messages from one column, images from another (an image,
+    a list of them, or none, when content parts hold them)."""
+
     def convert(row: dict, index: int) -> dict:
         sample_id = str(row.get("id", index))
-        messages, inline = normalise_messages(row[cfg.messages_column], sample_id)
-        image = row.get(cfg.image_column)
+        messages, inline = normalise_messages(row[messages_column], sample_id)
+        image = row.get(image_column)
         images = inline if image is None else image if isinstance(image, list) else [image]
         return {"id": sample_id, "images": images, "messages": messages}
 
-    return LazySamples(ds, convert)
+    return convert
 
 
 class ShapesSourceConfig(DataSourceConfig):

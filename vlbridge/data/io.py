@@ -15,6 +15,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ConfigError, DataError
+from .records import RecordIndex
 
 
 def load_image(ref: Any, sample_id: str = "?") -> Image.Image:
@@ -61,13 +62,10 @@ class LazySamples(Sequence):
         return self.convert(self.rows[index], index)
 
 
-def read_records(path: Path) -> list[dict]:
-    """The records of a JSON list file, or of a `.jsonl` file (one object per line)."""
-    path = Path(path)
-    records = read_jsonl(path) if path.suffix == ".jsonl" else read_json(path)
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise DataError(f"{path}: expected a list of records (JSON objects), one per sample")
-    return records
+def read_records(path: Path) -> RecordIndex:
+    """The records of a JSON list file, or of a `.jsonl` file (one object per line), parsed on access:
+    only their byte offsets are held, so a file of any size costs 16 bytes a record (`data/records.py`)."""
+    return RecordIndex.build(path)
 
 
 def is_saved_dataset(path: str | Path) -> bool:

@@ -64,16 +64,27 @@ def _as_is(item):
 
 
 def _data_loader(dataset: Dataset, jobs: _Jobs, workers: int, prefetch: int, pin_memory: bool) -> DataLoader:
+    """One pass over `jobs` is the whole stage (epochs are inside the order), so the workers live as long
+    as the loader is read: `persistent_workers` would add nothing."""
     return DataLoader(
         dataset,
         batch_size=None,
         sampler=jobs,
         collate_fn=_as_is,
         num_workers=workers,
-        persistent_workers=workers > 0,
         prefetch_factor=prefetch if workers else None,
         pin_memory=pin_memory,
     )
+
+
+def _read(loader: DataLoader) -> Iterator:
+    """The loader's items; its workers stop as soon as reading ends, early break and error included (a
+    worker error's traceback would leave them to garbage collection, whose shutdown waits 5 s)."""
+    items = iter(loader)
+    try:
+        yield from items
+    finally:
+        getattr(items, "_shutdown_workers", lambda: None)()
 
 
 class BatchLoader(Iterable):
@@ -107,7 +118,7 @@ class BatchLoader(Iterable):
         return self.stop - self.start
 
     def __iter__(self) -> Iterator[dict | None]:
-        for batch, drops in self.loader:
+        for batch, drops in _read(self.loader):
             self.drops.merge(drops)
             yield batch
 
@@ -147,7 +158,7 @@ class StreamLoader(Iterable):
         return self.steps
 
     def __iter__(self) -> Iterator[dict | None]:
-        for batch, drops, state in self.loader:
+        for batch, drops, state in _read(self.loader):
             self.drops.merge(drops)
             self.state = state
             yield batch

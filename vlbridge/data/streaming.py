@@ -1,0 +1,149 @@
+"""Streaming Hugging Face datasets: samples read in order, so a dataset never has to be on disk whole.
+
+A streaming `datasets.IterableDataset` (`load_dataset(..., streaming=True)`) is shuffled by `datasets`
+itself (shard order plus a buffer, `shuffle(seed, buffer_size)`, reseeded each epoch by `set_epoch`), split
+across ranks with `split_dataset_by_node`, and read epoch after epoch. Its state after any sample is small
+(epoch, samples read, `datasets`' own position), and resuming from it continues at exactly the next sample:
+from `datasets`' `state_dict` when nothing is buffered, otherwise by reading the epoch again up to that
+sample, since `datasets` does not save its shuffle buffer's content (resuming from its state alone would
+refill the buffer and yield other samples).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Iterator
+from itertools import chain, islice
+from typing import Any
+
+from pydantic import Field
+
+from ..errors import DataError
+from .formats import DataSourceConfig, hf_row_converter
+
+
+class HFStreamConfig(DataSourceConfig):
+    """A dataset streamed with `datasets`: a hub id, or a builder (`json`, `parquet`) over `data_files`."""
+
+    type: str = "hf_streaming"
+    path: str
+    name: str | None = None
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None
+    split: str = "train"
+    image_column: str = "image"
+    messages_column: str = "messages"
+    # 0: the stored order; 1: shards shuffled; more: shards and a buffer of that many samples (resuming then
+    # rereads the epoch up to where it stopped)
+    shuffle_buffer: int = Field(default=1000, ge=0)
+
+
+class StreamingSamples:
+    """One rank's endless sequence of samples from a streaming dataset, resumable at any sample.
+
+    `convert(row, index)` turns a row into a sample (`index`: the row's position in this rank's epoch).
+    Images stay undecoded (`{"bytes", "path"}`) so DataLoader workers, not the reader, open them.
+    `epoch_size` ends each epoch after that many samples on this rank (a quick run's `limit`).
+    """
+
+    def __init__(
+        self,
+        dataset,
+        convert: Callable[[dict, int], dict],
+        *,
+        seed: int,
+        buffer_size: int = 1000,
+        rank: int = 0,
+        world: int = 1,
+        epoch_size: int | None = None,
+    ) -> None:
+        self.dataset = dataset.decode(False) if hasattr(dataset, "decode") else dataset
+        self.convert, self.seed, self.buffer_size = convert, seed, buffer_size
+        self.rank, self.world, self.epoch_size = rank, world, epoch_size
+        self.epoch, self.consumed, self._position = 0, 0, None
+        self._reading = None  # the epoch's IterableDataset while it is being read
+
+    @property
+    def replays(self) -> bool:
+        """Whether resuming rereads the epoch (a shuffle buffer), rather than jumping to `datasets`' state."""
+        return self.buffer_size > 1
+
+    def _epoch(self, epoch: int):
+        from datasets.distributed import split_dataset_by_node
+
+        dataset = self.dataset
+        if self.buffer_size:
+            dataset = dataset.shuffle(seed=self.seed, buffer_size=self.buffer_size)
+        dataset = split_dataset_by_node(dataset, rank=self.rank, world_size=self.world)
+        dataset.set_epoch(epoch)
+        return dataset
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream stands: after the last sample it yielded."""
+        reading = self._reading is not None and self.consumed and not self.replays
+        position = self._reading.state_dict() if reading else self._position
+        return {"epoch": self.epoch, "consumed": self.consumed, "position": position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.consumed, self._position = state["epoch"], state["consumed"], state["position"]
+        self._reading = None
+
+    def __iter__(self) -> Iterator[dict]:
+        """Samples from the current state on, epoch after epoch; the state moves with each one yielded."""
+        while True:
+            dataset = self._epoch(self.epoch)
+            if self.consumed and not self.replays:
+                rows = _resume(dataset, self._position)
+            else:
+                rows = iter(dataset)
+                deque(islice(rows, self.consumed), maxlen=0)  # read the epoch again up to where it stopped
+            self._reading = dataset
+            left = None if self.epoch_size is None else self.epoch_size - self.consumed
+            for row in islice(rows, left):
+                sample = self.convert(row, self.consumed)
+                self.consumed += 1
+                yield sample
+            if not self.consumed:
+                raise DataError(f"the stream has no samples for rank {self.rank} of {self.world}")
+            self.epoch, self.consumed, self._position, self._reading = self.epoch + 1, 0, None, None
+
+
+def _resume(dataset, position: dict) -> Iterator[dict]:
+    """The rows after `position`, by `datasets`' own resume (it loads the position on the first read).
+    Its warning that a shuffle buffer's content is lost does not apply to a one-sample buffer, which holds
+    nothing once it has yielded."""
+    dataset.load_state_dict(position)
+    rows = iter(dataset)
+    logger = logging.getLogger("datasets.iterable_dataset")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        first = list(islice(rows, 1))
+    finally:
+        logger.setLevel(level)
+    return chain(first, rows)
+
+
+def open_stream(cfg: HFStreamConfig, *, seed: int, rank: int = 0, world: int = 1) -> StreamingSamples:
+    """This rank's stream of `cfg`'s dataset (nothing is downloaded until samples are read)."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(
+            cfg.path, cfg.name, split=cfg.split, data_files=cfg.data_files, streaming=True
+        )
+    except Exception as err:  # noqa: BLE001 - offline, unknown id, bad files: all need the same advice
+        raise DataError(
+            f"could not stream dataset {cfg.path!r} (config {cfg.name!r}, split {cfg.split!r}): {err}"
+        ) from err
+    convert = hf_row_converter(cfg.messages_column, cfg.image_column)
+    epoch_size = None if cfg.limit is None else max(1, cfg.limit // world)
+    return StreamingSamples(
+        dataset,
+        convert,
+        seed=seed,
+        buffer_size=cfg.shuffle_buffer,
+        rank=rank,
+        world=world,
+        epoch_size=epoch_size,
+    )
