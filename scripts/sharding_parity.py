@@ -1,11 +1,12 @@
-"""Two ranks with FSDP, two with DDP and one process, on the quickstart recipe at the same global batch.
+"""Two ranks with FSDP, DeepSpeed ZeRO-2 and ZeRO-3, and DDP, against one process, on the quickstart recipe at
+the same global batch.
 
     python scripts/sharding_parity.py [--steps 50] [--out runs/sharding_parity]
 
 The ranks are CPU processes (gloo) under `torchrun`; the single process accumulates twice as many
 micro-batches per step, so all three see the same samples. Printed: the loss at every step (and the largest
 difference to the single process), and the bytes of parameters, gradients and optimizer state each rank
-held (measured from its tensors, `rank_state_bytes` in results.json), FSDP over DDP.
+held (measured from its tensors, `rank_state_bytes` in results.json), each engine over DDP.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def recipe_tree(steps: int, out: Path, name: str, engine: str, accumulate: int) -> dict:
+def recipe_tree(steps: int, out: Path, name: str, engine: str | dict, accumulate: int) -> dict:
     tree = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
     stage = tree["train"]["stages"][0] | {"steps": steps, "grad_accum": accumulate}
     tree["train"] |= {"stages": [stage], "distributed": engine, "log_every": 1, "preencode": False}
@@ -54,7 +55,13 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = {"single": ("ddp", 1, 2), "ddp": ("ddp", 2, 1), "fsdp": ("fsdp", 2, 1)}
+    runs = {
+        "single": ("ddp", 1, 2),
+        "ddp": ("ddp", 2, 1),
+        "fsdp": ("fsdp", 2, 1),
+        "zero2": ({"type": "deepspeed", "zero_stage": 2}, 2, 1),
+        "zero3": ({"type": "deepspeed", "zero_stage": 3}, 2, 1),
+    }
     seconds, losses, held = {}, {}, {}
     for name, (engine, ranks, accumulate) in runs.items():
         seconds[name] = run(out, name, recipe_tree(args.steps, out, name, engine, accumulate), ranks)
@@ -63,19 +70,19 @@ def main() -> int:
         held[name] = json.loads((out / name / "results.json").read_text())["rank_state_bytes"]["lone_objects"]
 
     print(f"quickstart stage 1, {args.steps} steps, global batch 128 (2 ranks x 64, or 1 process x 64 x 2)")
-    print(f"{'step':>4} {'single':>10} {'ddp x2':>10} {'fsdp x2':>10}")
+    print(f"{'step':>4} " + " ".join(f"{name:>10}" for name in runs))
     for step, row in enumerate(zip(*(losses[n] for n in runs), strict=True), 1):
         if step <= 5 or step % 10 == 0:
             print(f"{step:>4} " + " ".join(f"{loss:>10.6f}" for loss in row))
-    for name in ("ddp", "fsdp"):
+    for name in list(runs)[1:]:
         gap = max(abs(a - b) for a, b in zip(losses[name], losses["single"], strict=True))
         print(f"largest |loss - single| over {args.steps} steps, {name}: {gap:.2e}")
-    print(f"{'per rank':>12} {'ddp MB':>10} {'fsdp MB':>10} {'ratio':>7}")
-    for kind in ("parameters", "gradients", "optimizer"):
-        ddp, fsdp = held["ddp"][kind], held["fsdp"][kind]
-        print(f"{kind:>12} {ddp / 2**20:>10.3f} {fsdp / 2**20:>10.3f} {fsdp / ddp:>7.3f}")
-    ddp, fsdp = sum(held["ddp"].values()), sum(held["fsdp"].values())
-    print(f"{'all':>12} {ddp / 2**20:>10.3f} {fsdp / 2**20:>10.3f} {fsdp / ddp:>7.3f}")
+    engines = list(runs)[2:]
+    print(f"{'per rank MB':>12} {'ddp':>8} " + " ".join(f"{n:>8} {'/ddp':>6}" for n in engines))
+    for kind in ("parameters", "gradients", "optimizer", "all"):
+        mb = {n: (sum(held[n].values()) if kind == "all" else held[n][kind]) / 2**20 for n in runs}
+        cells = " ".join(f"{mb[n]:>8.3f} {mb[n] / mb['ddp']:>6.3f}" for n in engines)
+        print(f"{kind:>12} {mb['ddp']:>8.3f} {cells}")
     print("wall seconds: " + ", ".join(f"{n} {s:.0f}" for n, s in seconds.items()))
     return 0
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Install vlbridge with its dev, eval and serve extras and run the test suite offline (tiny random models only).
+# Install vlbridge with its dev, eval, serve and deepspeed extras and run the test suite offline (tiny random
+# models only).
 # VLBRIDGE_DEPS=newest|lowest runs it on the newest / lowest versions the ranges allow (scripts/install.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh dev,eval,serve
+bash scripts/install.sh dev,eval,serve,deepspeed
 venv="$(bash scripts/venv.sh)"
 # System packages the tests drive: Java (pycocoevalcap's tokenizer and METEOR), Chromium (the chat page).
 if ! command -v java > /dev/null; then
@@ -18,7 +19,7 @@ export HF_HOME
 "$venv/bin/python" - <<'PY'
 import importlib.metadata as metadata, sys
 names = ["torch", "transformers", "tokenizers", "peft", "accelerate", "datasets", "huggingface_hub", "numpy",
-         "pydantic", "fastapi", "openai"]
+         "pydantic", "fastapi", "openai", "deepspeed"]
 print(f"dependencies (python {sys.version.split()[0]}):",
       " ".join(f"{n}=={metadata.version(n)}" for n in names), flush=True)
 PY

@@ -7,6 +7,7 @@ Reducers attach after the front-end and patch the tower or decoder layers in pla
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,12 +34,16 @@ def text_config_of(llm: PreTrainedModel):
 
 
 def build_llm(config: VLConfig, tokenizer, device: str = "cpu", dtype: torch.dtype | None = None):
-    """The causal LM: pretrained (name/path) or from a config dict sized to the tokenizer."""
+    """The causal LM: pretrained (name/path) or from a config dict sized to the tokenizer. On the meta
+    device a pretrained LLM is built from its config alone (shapes, no weights read)."""
     cfg = config.llm
     kwargs = {"attn_implementation": choose_attention(cfg.attn_implementation, device)}
     dtype = dtype or choose_dtype(cfg.dtype, device)
-    if cfg.name_or_path is not None:
+    if cfg.name_or_path is not None and device != "meta":
         llm = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, **kwargs, **cfg.config)
+    elif cfg.name_or_path is not None:
+        hf_config = AutoConfig.from_pretrained(cfg.name_or_path, **cfg.config)
+        llm = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, **kwargs)
     else:
         hf_config = AutoConfig.for_model(cfg.model_type, **cfg.config)
         # sized to the tokenizer unless the config says (an imported checkpoint's padded vocabulary)
@@ -49,7 +54,7 @@ def build_llm(config: VLConfig, tokenizer, device: str = "cpu", dtype: torch.dty
                 setattr(hf_config, f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
         llm = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, **kwargs)
     if llm.get_input_embeddings().num_embeddings < len(tokenizer):
-        llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=device != "meta")
     return llm
 
 
@@ -124,15 +129,19 @@ class VLModel(nn.Module):
         """Build a fresh model; the tokenizer must already hold the front-end's special tokens.
 
         `dtype` overrides the config's choice (training keeps fp32 master weights under autocast).
+        `device="meta"` builds the structure only, reading no weights and allocating no memory: sharded
+        training builds it so on all but one rank, which sends its weights to the others.
         """
-        llm = build_llm(config, tokenizer, device, dtype)
-        frontend_cls = FRONTENDS.get(config.frontend.type)
-        layout = image_layout(config)
-        frontend = frontend_cls(config.frontend, text_config_of(llm), layout, load_weights=load_weights)
-        frontend.bind_tokenizer(tokenizer)
-        dtype = llm.get_input_embeddings().weight.dtype
-        reducers = [REDUCERS.get(section.type)(section) for section in config.reducers]
-        return cls(config, llm, frontend.to(dtype), [r.to(dtype) for r in reducers]).to(device)
+        with torch.device("meta") if device == "meta" else nullcontext():
+            llm = build_llm(config, tokenizer, device, dtype)
+            frontend_cls = FRONTENDS.get(config.frontend.type)
+            layout = image_layout(config)
+            load_weights = load_weights and device != "meta"
+            frontend = frontend_cls(config.frontend, text_config_of(llm), layout, load_weights=load_weights)
+            frontend.bind_tokenizer(tokenizer)
+            dtype = llm.get_input_embeddings().weight.dtype
+            reducers = [REDUCERS.get(section.type)(section) for section in config.reducers]
+            return cls(config, llm, frontend.to(dtype), [r.to(dtype) for r in reducers]).to(device)
 
     def save_pretrained(self, path, tokenizer=None) -> None:
         """Write a checkpoint directory atomically (`vlbridge.factory.load_pretrained` opens it)."""

@@ -64,6 +64,10 @@ class TrainConfig(Strict):
     tensorboard: bool = False
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     preencode: bool = Field(default=True, description="encode all samples before the loop (small datasets)")
+    # without preencode: DataLoader worker processes that read, decode and encode micro-batches ahead
+    num_workers: int = Field(default=0, ge=0)
+    # random: a fresh permutation per epoch; length_grouped: LLaVA's modality- and length-grouped batches
+    sampler: Literal["random", "length_grouped"] = "random"
     # recompute the LLM's decoder layers and the vision tower's blocks in backward (non-reentrant): activation
     # memory for compute
     gradient_checkpointing: bool = False

@@ -87,6 +87,7 @@ _BUILTIN_MODULES = (
     "vlbridge.data.formats",
     "vlbridge.interop",
     "vlbridge.training.distributed",
+    "vlbridge.training.zero",
 )
 _loaded = False
 

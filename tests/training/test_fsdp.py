@@ -5,39 +5,26 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
+from vlbridge.data.formats import load_source
 from vlbridge.errors import ConfigError
 from vlbridge.factory import load_pretrained
 from vlbridge.recipe import parse_recipe
-from vlbridge.testing import tiny_model
+from vlbridge.testing import RANK_ENV, kill_a_rank_after, run_metrics, run_weights, tiny_model, torchrun
 from vlbridge.training.distributed import fix_structure, shard_units
-from vlbridge.training.run import run_training
+from vlbridge.training.run import build, run_training
 
 pytestmark = pytest.mark.slow
 
-TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def weights(model_dir: Path) -> dict:
-    files = ["llm/model.safetensors", "frontend.safetensors", "adapters/llm/adapter_model.safetensors"]
-    return {f"{name}/{k}": v for name in files for k, v in load_file(str(model_dir / name)).items()}
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+TORCHRUN = torchrun()
+ENV = os.environ | RANK_ENV
 
 
 def write_recipe(tree: dict, path: Path) -> Path:
@@ -73,10 +60,10 @@ def test_two_nodes_with_fsdp_train_as_one_process(tmp_path, recipe_tree):
         stage["grad_accum"] = stage.get("grad_accum", 1) * 2
     summary = run_training(parse_recipe(single))
 
-    sharded, whole = metrics(tmp_path / "nodes"), metrics(tmp_path / "single")
+    sharded, whole = run_metrics(tmp_path / "nodes"), run_metrics(tmp_path / "single")
     assert [m["step"] for m in sharded] == [m["step"] for m in whole] == list(range(1, 8))
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(sharded, whole, strict=True)) < 1e-4
-    expected, got = weights(tmp_path / "single" / "model"), weights(tmp_path / "nodes" / "model")
+    expected, got = run_weights(tmp_path / "single" / "model"), run_weights(tmp_path / "nodes" / "model")
     assert expected.keys() == got.keys()
     assert max((expected[k] - got[k]).abs().max().item() for k in expected) < 1e-5
 
@@ -87,10 +74,6 @@ def test_two_nodes_with_fsdp_train_as_one_process(tmp_path, recipe_tree):
     # the consolidated model is an ordinary checkpoint
     model, _ = load_pretrained(tmp_path / "nodes" / "model")
     assert sum(p.numel() for p in model.parameters()) > 0
-
-
-def children(pid: int) -> list[int]:
-    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 def test_a_killed_rank_resumes_from_sharded_checkpoints_to_the_uninterrupted_weights(tmp_path, recipe_tree):
@@ -110,15 +93,7 @@ def test_a_killed_rank_resumes_from_sharded_checkpoints_to_the_uninterrupted_wei
 
     killed = launch("killed")
     checkpoint = tmp_path / "killed" / "checkpoints" / "step-00000008"
-    deadline = time.monotonic() + 300
-    while not (checkpoint / "trainer_state.json").exists():
-        assert killed.poll() is None, killed.stderr.read()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint at step 8 within 300 s"
-        time.sleep(0.02)
-    ranks = children(killed.pid)
-    assert len(ranks) == 2
-    os.kill(ranks[1], signal.SIGKILL)  # one rank dies; torchrun stops the other
-    assert killed.wait(timeout=120) != 0
+    kill_a_rank_after(killed, checkpoint)
     assert not (tmp_path / "killed" / "model").exists(), "the run finished before it could be killed"
     assert sorted(p.name for p in (checkpoint / "shards").iterdir()) == [
         ".metadata",
@@ -128,7 +103,7 @@ def test_a_killed_rank_resumes_from_sharded_checkpoints_to_the_uninterrupted_wei
 
     resumed = launch("killed", "--resume")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
-    expected, got = weights(tmp_path / "straight" / "model"), weights(tmp_path / "killed" / "model")
+    expected, got = run_weights(tmp_path / "straight" / "model"), run_weights(tmp_path / "killed" / "model")
     assert expected.keys() == got.keys()
     different = [k for k in expected if not torch.equal(expected[k], got[k])]
     assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
@@ -151,3 +126,23 @@ def test_lora_in_one_stage_and_full_in_another_is_refused_under_fsdp(recipe_tree
     model, _, _ = tiny_model()
     with pytest.raises(ConfigError, match="'llm' is trained with LoRA in one stage and in full in another"):
         fix_structure(model, recipe.train, recipe.seed)
+
+
+def test_ranks_but_the_main_build_a_pretrained_llm_from_its_config_alone(tmp_path, recipe_tree):
+    """Under FSDP only the main process reads the LLM's weights; the others build on the meta device and
+    get their shards from it, so the weights file is not even opened there."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tree = recipe_tree()
+    llm = tree["model"]["llm"]
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **llm["config"])).save_pretrained(
+        tmp_path / "llm"
+    )
+    (tmp_path / "llm" / "model.safetensors").unlink()
+    tree["model"]["llm"] = {"name_or_path": str(tmp_path / "llm")}
+    recipe = parse_recipe(tree)
+    stage_data = [load_source(recipe.data.train)] * 2
+    model, _, _ = build(recipe, stage_data, None, "cpu", meta=True)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    with pytest.raises(OSError):  # the main process does read the weights
+        build(recipe, stage_data, None, "cpu")

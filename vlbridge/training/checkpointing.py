@@ -1,5 +1,5 @@
-"""Training checkpoints: the model (its files, or its shards under FSDP) plus optimizer, scheduler and
-trainer state.
+"""Training checkpoints: the model (its files, or its shards under FSDP / DeepSpeed) plus optimizer,
+scheduler and trainer state.
 
 Every rank writes its part into one temp dir beside the checkpoint, which the main process renames into
 place once all are done, so a run killed at any moment (any rank) leaves either the previous complete
@@ -18,6 +18,7 @@ import torch
 
 from ..checkpoint import replace_dir
 from .distributed import SHARDS_DIR
+from .zero import DEEPSPEED_DIR
 
 STATE_FILE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.pt"
@@ -68,8 +69,8 @@ def shared_atomic_dir(path: Path, accelerator):
 
 
 def is_sharded(path: Path) -> bool:
-    """A checkpoint whose weights are in per-rank shards (FSDP), not in model files."""
-    return (path / SHARDS_DIR).is_dir()
+    """A checkpoint whose weights are in per-rank shards (FSDP, DeepSpeed), not in model files."""
+    return (path / SHARDS_DIR).is_dir() or (path / DEEPSPEED_DIR).is_dir()
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

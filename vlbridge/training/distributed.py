@@ -2,9 +2,10 @@
 
 An engine prepares the model once for the run (`setup`) and for each stage's optimizer (`prepare`),
 runs a micro-batch's backward (`backward`, inside `no_sync` but for the last of a step) and the optimizer
-step (`step`, clipping first), writes and reads its part of a training checkpoint (`save` / `load`, called
-on every rank inside one shared directory) and hands the main process the whole model's weights at the end
-(`full_state`). `DDP` is the base the others build on.
+step (`step`, clipping first), reports what a rank holds (`state_bytes`), writes and reads its part of a
+training checkpoint (`save` / `load`, called on every rank inside one shared directory) and hands the main
+process the whole model's weights at the end (`full_state`). `DDP` is the base the others build on;
+`DeepSpeed` (ZeRO) is in `zero.py`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..errors import ConfigError
 from ..registry import DISTRIBUTED
 
 if TYPE_CHECKING:
-    from ..recipe import Recipe, TrainConfig
+    from ..recipe import Recipe, StageConfig, TrainConfig
 
 OPTIMIZER_FILE = "optimizer.pt"
 SHARDS_DIR = "shards"  # torch distributed checkpoint: one file per rank plus metadata
@@ -39,13 +40,15 @@ class DistributedConfig(Typed):
 class DDP:
     """Every rank holds the whole model, gradients and optimizer; gradients are averaged (accelerate)."""
 
+    weights_from_main = False  # True: only the main process builds a model with weights (the rest: meta)
+
     def __init__(self, config: DistributedConfig, accelerator: Accelerator) -> None:
         self.accelerator = accelerator
 
     def setup(self, model, recipe: Recipe):
         return model
 
-    def prepare(self, model, optimizer):
+    def prepare(self, model, optimizer, stage: StageConfig):
         return self.accelerator.prepare(model, optimizer)
 
     def no_sync(self, wrapped):
@@ -59,6 +62,10 @@ class DDP:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             self.accelerator.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
+
+    def state_bytes(self, wrapped, optimizer) -> dict[str, int]:
+        """Measured after the stage's first step, before its gradients are zeroed."""
+        return state_bytes(wrapped, optimizer)
 
     def save(self, out: Path, model, optimizer, tokenizer) -> None:
         if self.accelerator.is_main_process:
@@ -90,6 +97,8 @@ class FSDP(DDP):
     model (embeddings, connector, front-end and reducer modules) is the root unit. On GPUs the same calls
     accelerate's FSDP2 plugin makes; on CPUs (gloo), where accelerate does not offer FSDP, too."""
 
+    weights_from_main = True
+
     def __init__(self, config: FSDPConfig, accelerator: Accelerator) -> None:
         self.config, self.accelerator = config, accelerator
 
@@ -111,12 +120,14 @@ class FSDP(DDP):
             else MixedPrecisionPolicy(),
             "offload_policy": CPUOffloadPolicy() if self.config.cpu_offload else OffloadPolicy(),
         }
+        whole = model.state_dict() if acc.is_main_process else {}
         for unit in reversed(shard_units(model)):  # inner blocks before the modules that hold them
             fully_shard(unit, **options)
         fully_shard(model, **options)
+        send_from_main(model, whole, acc)
         return model
 
-    def prepare(self, model, optimizer):
+    def prepare(self, model, optimizer, stage: StageConfig):
         return model, optimizer
 
     @contextmanager
@@ -179,6 +190,22 @@ class FSDP(DDP):
         return get_model_state_dict(model, options=options)
 
 
+def send_from_main(model, whole: dict, accelerator: Accelerator) -> None:
+    """Fill every rank's shards from the main process's weights (`whole`, empty elsewhere): the other ranks
+    built the model on the meta device, so a pretrained LLM is read and held whole by one process only.
+    Buffers are not sharded; the main process's are copied too (non-persistent ones such as rotary
+    frequencies are in no state dict)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if not accelerator.is_main_process:
+        model.to_empty(device=accelerator.device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, whole, options=options)
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def fix_structure(model, train: TrainConfig, seed: int) -> None:
     """Give the model, before it is sharded, the structure every stage needs: groups any stage trains with
     LoRA are wrapped now (zero-initialised adapters change nothing until trained). Sharded modules cannot be
@@ -191,9 +218,9 @@ def fix_structure(model, train: TrainConfig, seed: int) -> None:
         modes = {stage.modules.get(name, "frozen") for stage in train.stages}
         if {"lora", "full"} <= modes:
             raise ConfigError(
-                f"train.distributed fsdp: group {name!r} is trained with LoRA in one stage and in full in "
-                "another; sharded modules keep one structure for the whole run. Train it one way in every "
-                "stage, or use train.distributed: ddp"
+                f"train.distributed {train.distributed.type}: group {name!r} is trained with LoRA in one "
+                "stage and in full in another; sharded modules keep one structure for the whole run. Train "
+                "it one way in every stage, or use train.distributed: ddp"
             )
     wrapped = {name for stage in train.stages for name, mode in stage.modules.items() if mode == "lora"}
     lora_everywhere = StageConfig(name="structure", steps=1, modules=dict.fromkeys(wrapped, "lora"))

@@ -26,6 +26,7 @@ from ..processing import VLProcessor
 from ..recipe import Recipe, dump_recipe
 from ..tokenization import load_tokenizer
 from .checkpointing import TrainerState, is_sharded, latest_checkpoint, load_state
+from .distributed import engine_for
 from .trainer import Trainer
 
 MODEL_DIR = "model"
@@ -75,12 +76,13 @@ def training_texts(datasets: list, image_token: str) -> list[str]:
     return texts
 
 
-def build(recipe: Recipe, stage_data: list, resume_from: Path | None, device: str):
+def build(recipe: Recipe, stage_data: list, resume_from: Path | None, device: str, *, meta: bool = False):
     """(model, processor, state): fresh from the recipe, or exactly as the checkpoint left them.
 
     Weights are fp32 masters whatever the device; on GPU, accelerate runs the math under bf16 autocast. A
     sharded checkpoint's weights are loaded by the engine once the model is sharded; here it is built as at
-    the start (with the checkpoint's tokenizer).
+    the start (with the checkpoint's tokenizer). `meta`: a fresh model is built on the meta device, no
+    weights read or allocated (its engine fills it from the main process's).
     """
     if resume_from is not None and not is_sharded(resume_from):
         model, processor = load_pretrained(resume_from, device=device, dtype=torch.float32)
@@ -98,7 +100,9 @@ def build(recipe: Recipe, stage_data: list, resume_from: Path | None, device: st
     else:
         tokenizer = load_tokenizer(recipe.tokenizer, training_texts(stage_data, recipe.model.image_token))
     torch.manual_seed(recipe.seed)
-    model, processor = build_model(recipe.model, tokenizer, device=device, dtype=torch.float32)
+    model, processor = build_model(
+        recipe.model, tokenizer, device="meta" if meta else device, dtype=torch.float32
+    )
     return model, processor, state
 
 
@@ -122,11 +126,14 @@ def run_training(
     resume_from = latest_checkpoint(run_dir) if resume else None
     train_data = load_source(recipe.data.train)
     stage_data = [load_source(s.data) if s.data is not None else train_data for s in recipe.train.stages]
-    model, processor, state = build(recipe, stage_data, resume_from, str(accelerator.device))
-    trainer = Trainer(recipe, model, processor, stage_data, accelerator, console)
+    engine = engine_for(recipe.train.distributed, accelerator)
+    meta = engine.weights_from_main and not accelerator.is_main_process
+    model, processor, state = build(recipe, stage_data, resume_from, str(accelerator.device), meta=meta)
+    trainer = Trainer(recipe, model, processor, stage_data, engine, console)
     state = trainer.train(state, resume_from)
     model = accelerator.unwrap_model(trainer.model)
-    gathered = trainer.engine.full_state(model)  # sharded weights, whole in the main process
+    gathered = engine.full_state(model)  # sharded weights, whole in the main process
+    accelerator.end_training()  # the last collective: the process group is closed before interpreter exit
     summary = {
         "train_seconds": state.train_seconds,
         "data_seconds": trainer.data_seconds,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from rich.console import Console
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -18,8 +18,8 @@ from ..processing import DropCounter, VLProcessor
 from ..recipe import Recipe, StageConfig
 from .batches import EncodedSamples
 from .checkpointing import SCHEDULER_FILE, TrainerState, prune_checkpoints, save_checkpoint
-from .distributed import engine_for, state_bytes
-from .sampler import BatchOrder
+from .loader import BatchLoader
+from .sampler import make_order
 from .stages import apply_stage, optimizer_groups, stage_table
 
 METRICS_FILE = "metrics.jsonl"
@@ -39,11 +39,13 @@ class Trainer:
         model,
         processor: VLProcessor,
         stage_data: list,
-        accelerator: Accelerator,
+        engine,
         console: Console,
     ) -> None:
+        """`engine`: how the ranks share the model (`vlbridge.training.distributed`), with its accelerator."""
         self.recipe, self.model, self.processor = recipe, model, processor
-        self.stage_data, self.accelerator, self.console = stage_data, accelerator, console
+        self.stage_data, self.engine, self.console = stage_data, engine, console
+        self.accelerator = accelerator = engine.accelerator
         self.drops = DropCounter()
         self.data_seconds = 0.0
         self.run_dir = recipe.run_dir
@@ -52,8 +54,7 @@ class Trainer:
             parts = model.activation_checkpointing()
             if accelerator.is_main_process:
                 console.print(f"activation checkpointing: {', '.join(parts)}")
-        self.engine = engine_for(recipe.train.distributed, accelerator)
-        self.model = self.engine.setup(model, recipe)
+        self.model = engine.setup(model, recipe)
         # per stage: bytes of parameters, gradients and optimizer state this rank held at its first step
         self.state_bytes: dict[str, dict[str, int]] = {}
 
@@ -92,18 +93,25 @@ class Trainer:
             self.engine.load(resume_from, self.model, optimizer if mid_stage else None)
             if mid_stage:
                 scheduler.load_state_dict(torch.load(resume_from / SCHEDULER_FILE, weights_only=True))
-        data = self._data(index)
         acc = self.accelerator
-        order = BatchOrder(
-            len(data), stage.batch_size, self.recipe.seed + index, acc.process_index, acc.num_processes
+        order = make_order(
+            self.recipe.train.sampler,
+            self.stage_data[index],
+            stage.batch_size,
+            self.recipe.seed + index,
+            acc.process_index,
+            acc.num_processes,
+            group=stage.grad_accum,
         )
-        wrapped, optimizer = self.engine.prepare(self.model, optimizer)
+        micro_steps = (state.stage_step * stage.grad_accum, stage.steps * stage.grad_accum)
+        batches = self._batches(index, order, *micro_steps)
+        wrapped, optimizer = self.engine.prepare(self.model, optimizer, stage)
         bar = tqdm(
             total=stage.steps, initial=state.stage_step, desc=stage.name, disable=not acc.is_main_process
         )
         while state.stage_step < stage.steps:
             started = time.perf_counter()
-            loss, tokens = self._step(wrapped, optimizer, scheduler, data, order, stage, state)
+            loss, tokens = self._step(wrapped, optimizer, scheduler, batches, order, stage, state)
             elapsed = time.perf_counter() - started
             state.train_seconds += elapsed
             state.stage_step += 1
@@ -117,26 +125,39 @@ class Trainer:
         bar.close()
         acc.free_memory()
 
-    def _data(self, index: int) -> EncodedSamples:
-        data = EncodedSamples(self.stage_data[index], self.processor, self.drops, cache=True)
-        if self.recipe.train.preencode:
-            started = time.perf_counter()
-            data.encode_all()
-            self.data_seconds += time.perf_counter() - started
-        return data
+    def _batches(self, index: int, order, start: int, stop: int) -> Iterator[dict | None]:
+        """Micro-batches `start`..`stop - 1` of the stage's order: encoded once up front (`train.preencode`,
+        small sets) or built as the loop asks, in `train.num_workers` DataLoader workers (any size)."""
+        samples, train = self.stage_data[index], self.recipe.train
+        if not train.preencode:
+            loader = BatchLoader(
+                samples,
+                self.processor,
+                order,
+                start,
+                stop,
+                num_workers=train.num_workers,
+                drops=self.drops,
+                pin_memory=torch.cuda.is_available(),
+            )
+            return iter(loader)
+        data = EncodedSamples(samples, self.processor, self.drops, cache=True)
+        started = time.perf_counter()
+        data.encode_all()
+        self.data_seconds += time.perf_counter() - started
+        return (data.batch(order.batch(k)) for k in range(start, stop))
 
-    def _step(self, wrapped, optimizer, scheduler, data, order, stage, state) -> tuple[float, int]:
+    def _step(self, wrapped, optimizer, scheduler, batches, order, stage, state) -> tuple[float, int]:
         """One optimizer step over `grad_accum` micro-batches; returns (mean loss, tokens processed)."""
         acc = self.accelerator
         wrapped.train()
         total_loss, tokens = 0.0, 0
         for micro in range(stage.grad_accum):
             k = state.stage_step * stage.grad_accum + micro
+            batch = next(batches)  # first: a DataLoader draws from the global RNG when it starts
             position = k * acc.num_processes + acc.process_index
             torch.manual_seed(batch_seed(self.recipe.seed, stage.name, position))
-            indices = order.batch(k)
-            batch = data.batch(indices)
-            state.samples_seen += len(indices) * acc.num_processes
+            state.samples_seen += order.batch_size * acc.num_processes
             if batch is None:
                 continue
             batch = {key: v.to(acc.device) if torch.is_tensor(v) else v for key, v in batch.items()}
@@ -149,7 +170,7 @@ class Trainer:
         self.engine.step(wrapped, optimizer, stage.max_grad_norm)
         scheduler.step()
         if stage.name not in self.state_bytes:
-            self.state_bytes[stage.name] = state_bytes(wrapped, optimizer)
+            self.state_bytes[stage.name] = self.engine.state_bytes(wrapped, optimizer)
         optimizer.zero_grad(set_to_none=True)
         loss = acc.reduce(torch.tensor(total_loss, device=acc.device), "mean")  # the global batch's loss
         return float(loss), tokens * acc.num_processes
