@@ -63,13 +63,28 @@ def write_model_files(model, out: Path, tokenizer=None, *, state: dict | None = 
     (gathered from shards). `weights=False` writes only config and tokenizer (a sharded training
     checkpoint keeps its weights in the shards)."""
     if weights:
-        _write_weights(model, out, model.state_dict() if state is None else state)
+        _write_weights(model, out, model.state_dict() if state is None else _tied_as_in(model, state))
     resolved = model.config.model_copy(deep=True)
     resolved.llm.name_or_path, resolved.llm.config = "llm", {}
     resolved.frontend = model.frontend.resolved_config()
     (out / CONFIG_FILE).write_text(json.dumps(resolved.model_dump(mode="json"), indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
+
+
+def _tied_as_in(model, state: dict) -> dict:
+    """`state` with the names of one shared parameter (tied embeddings) holding one tensor again, as the
+    module's own state dict does: a state gathered from shards has a copy under each name, which
+    `save_pretrained` would then write twice."""
+    state = dict(state)
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for first, *others in names.values():
+        for name in others:
+            if first in state and name in state:
+                state[name] = state[first]
+    return state
 
 
 def _write_weights(model, out: Path, state: dict) -> None:

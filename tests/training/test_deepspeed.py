@@ -121,8 +121,10 @@ def assert_identical(expected_dir: Path, got_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_zero3_ranks_train_as_one_process(tmp_path, recipe_tree):
-    """ZeRO-3 (every parameter partitioned, gathered per module as it runs) through both stages."""
+    """ZeRO-3 (every parameter partitioned, gathered per module as it runs) through both stages, on an LLM
+    whose output embeddings are its input embeddings (one parameter on every rank, also those built empty)."""
     tree = recipe_tree(steps=(1, 2))
+    tree["model"]["llm"]["config"]["tie_word_embeddings"] = True
     tree["train"] |= {"distributed": {"type": "deepspeed", "zero_stage": 3}, "log_every": 1}
     sharded = launch(tree, "zero3", tmp_path)
     summary = single_process(tree, tmp_path / "single")

@@ -206,6 +206,26 @@ def send_from_main(model, whole: dict, accelerator: Accelerator) -> None:
         dist.broadcast(buffer, src=0)
 
 
+def broadcast_from_main(model, accelerator: Accelerator) -> None:
+    """`send_from_main` for a model that is not sharded yet: every parameter and buffer, whole, in module
+    order (the same on every rank: the structure is). Tied parameters (an LLM's input and output
+    embeddings) stay one parameter, as `to_empty` alone would not keep them."""
+    import torch.distributed as dist
+
+    if not accelerator.is_main_process:
+        names: dict[int, list[str]] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(name)
+        model.to_empty(device=accelerator.device)
+        for first, *others in (group for group in names.values() if len(group) > 1):
+            for name in others:
+                owner, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(owner), attr, model.get_parameter(first))
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor, src=0)
+
+
 def fix_structure(model, train: TrainConfig, seed: int) -> None:
     """Give the model, before it is sharded, the structure every stage needs: groups any stage trains with
     LoRA are wrapped now (zero-initialised adapters change nothing until trained). Sharded modules cannot be

@@ -27,7 +27,7 @@ from ..checkpoint import write_model_files
 from ..config import deep_merge
 from ..errors import ConfigError
 from ..registry import DISTRIBUTED
-from .distributed import DDP, DistributedConfig, fix_structure, send_from_main
+from .distributed import DDP, DistributedConfig, broadcast_from_main, fix_structure
 
 if TYPE_CHECKING:
     from ..recipe import Recipe, StageConfig
@@ -145,9 +145,7 @@ class DeepSpeed(DDP):
         self.check_config(recipe.train.stages)
         fix_structure(model, recipe.train, recipe.seed)
         self._start_distributed()
-        acc = self.accelerator
-        whole = model.state_dict() if acc.is_main_process else {}
-        send_from_main(model, whole, acc)
+        broadcast_from_main(model, self.accelerator)
         return model
 
     def check_config(self, stages: list[StageConfig]) -> None:
