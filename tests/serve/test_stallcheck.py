@@ -18,7 +18,7 @@ def test_oversized_requests_are_refused_within_a_second_and_small_chats_stay_wit
     server = ServerProcess(str(checkpoint), [])
     try:
         server.wait_ready()
-        report = check(server.url, seconds=1.5)
+        report = check(server.url, seconds=3.0)  # twice the small chats of 1.5 s: steadier medians
     finally:
         server.stop()
     for name, (senders, _) in ABUSES.items():
