@@ -4,7 +4,7 @@ A streaming `datasets.IterableDataset` (`load_dataset(..., streaming=True)`) is 
 itself (shard order plus a buffer, `shuffle(seed, buffer_size)`, reseeded each epoch by `set_epoch`), split
 across ranks with `split_dataset_by_node`, and read epoch after epoch. Its state after any sample is small
 (epoch, samples read, `datasets`' own position), and resuming from it continues at exactly the next sample:
-from `datasets`' `state_dict` when nothing is buffered, otherwise by reading the epoch again up to that
+from `datasets`' `state_dict` when it is not shuffled, otherwise by reading the epoch again up to that
 sample, since `datasets` does not save its shuffle buffer's content (resuming from its state alone would
 refill the buffer and yield other samples).
 """
@@ -33,8 +33,8 @@ class HFStreamConfig(DataSourceConfig):
     split: str = "train"
     image_column: str = "image"
     messages_column: str = "messages"
-    # 0: the stored order; 1: shards shuffled; more: shards and a buffer of that many samples (resuming then
-    # rereads the epoch up to where it stopped)
+    # 0: the stored order; 1: shards shuffled; more: shards and a buffer of that many samples (shuffled
+    # streams resume by rereading the epoch up to where they stopped)
     shuffle_buffer: int = Field(default=1000, ge=0)
 
 
@@ -57,7 +57,9 @@ class StreamingSamples:
         world: int = 1,
         epoch_size: int | None = None,
     ) -> None:
-        self.dataset = dataset.decode(False) if hasattr(dataset, "decode") else dataset
+        # undecoded images (a stream of unknown features, such as JSON files, decodes none anyway)
+        known = getattr(dataset, "features", None) is not None
+        self.dataset = dataset.decode(False) if known and hasattr(dataset, "decode") else dataset
         self.convert, self.seed, self.buffer_size = convert, seed, buffer_size
         self.rank, self.world, self.epoch_size = rank, world, epoch_size
         self.epoch, self.consumed, self._position = 0, 0, None
@@ -65,8 +67,9 @@ class StreamingSamples:
 
     @property
     def replays(self) -> bool:
-        """Whether resuming rereads the epoch (a shuffle buffer), rather than jumping to `datasets`' state."""
-        return self.buffer_size > 1
+        """Whether resuming rereads the epoch (any shuffling), rather than jumping to `datasets`' state: with
+        shuffled shards the lowest `datasets` this project supports (4.0) resumes a sample off."""
+        return self.buffer_size > 0
 
     def _epoch(self, epoch: int):
         from datasets.distributed import split_dataset_by_node
@@ -109,9 +112,8 @@ class StreamingSamples:
 
 
 def _resume(dataset, position: dict) -> Iterator[dict]:
-    """The rows after `position`, by `datasets`' own resume (it loads the position on the first read).
-    Its warning that a shuffle buffer's content is lost does not apply to a one-sample buffer, which holds
-    nothing once it has yielded."""
+    """The rows after `position`, by `datasets`' own resume (it loads the position on the first read) of an
+    unshuffled stream."""
     dataset.load_state_dict(position)
     rows = iter(dataset)
     logger = logging.getLogger("datasets.iterable_dataset")
