@@ -22,6 +22,21 @@ def _train(args: argparse.Namespace) -> None:
         recipe.output_dir = args.output_dir
     evaluate = None if args.no_eval else evaluate_and_report
     run_training(recipe, resume=args.resume, overwrite=args.overwrite, evaluate=evaluate)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _leave_without_finalizing()
+
+
+def _leave_without_finalizing() -> None:
+    """End a finished torchrun worker with exit handlers run and output flushed, but without interpreter
+    finalisation: gloo's threads outlive `destroy_process_group`, and tearing the interpreter down beside
+    them sometimes aborted a rank ("terminate called without an active exception") after a complete run,
+    which torchrun reports as a failed job."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _chat(args: argparse.Namespace) -> None:
