@@ -85,6 +85,7 @@ _BUILTIN_MODULES = (
     "vlbridge.reducers.turbo",
     "vlbridge.reducers.tome",
     "vlbridge.data.formats",
+    "vlbridge.data.streaming",
     "vlbridge.interop",
     "vlbridge.training.distributed",
     "vlbridge.training.zero",

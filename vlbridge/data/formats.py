@@ -180,5 +180,6 @@ def shapes(cfg: ShapesSourceConfig) -> Sequence[dict]:
 
 
 def load_source(cfg: DataSourceConfig) -> Sequence[dict]:
+    """The source's samples: a sequence, or a stream (`hf_streaming`) whose epochs end at `limit` itself."""
     samples = DATA_FORMATS.get(cfg.type)(cfg)
-    return samples[: cfg.limit] if cfg.limit is not None else samples
+    return samples[: cfg.limit] if cfg.limit is not None and isinstance(samples, Sequence) else samples

@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import Field
 
 from ..errors import DataError
+from ..registry import DATA_FORMATS
 from .formats import DataSourceConfig, hf_row_converter
 
 
@@ -36,6 +37,8 @@ class HFStreamConfig(DataSourceConfig):
     # 0: the stored order; 1: shards shuffled; more: shards and a buffer of that many samples (shuffled
     # streams resume by rereading the epoch up to where they stopped)
     shuffle_buffer: int = Field(default=1000, ge=0)
+    # a tokenizer trained for the recipe (`tokenizer.train_vocab_size`) learns from this many first samples
+    tokenizer_samples: int = Field(default=10_000, ge=1)
 
 
 class StreamingSamples:
@@ -124,6 +127,24 @@ def _resume(dataset, position: dict) -> Iterator[dict]:
     finally:
         logger.setLevel(level)
     return chain(first, rows)
+
+
+@DATA_FORMATS.register("hf_streaming", config=HFStreamConfig)
+class StreamSource:
+    """A recipe's streaming source: the trainer opens one stream per rank and stage (`open`), resumable at
+    any sample; nothing is read before."""
+
+    def __init__(self, cfg: HFStreamConfig) -> None:
+        self.cfg = cfg
+
+    def open(self, *, seed: int, rank: int = 0, world: int = 1) -> StreamingSamples:
+        return open_stream(self.cfg, seed=seed, rank=rank, world=world)
+
+    def head(self, count: int) -> list[dict]:
+        """The first `count` samples in the stored order (at most one epoch), images undecoded."""
+        stream = open_stream(self.cfg.model_copy(update={"shuffle_buffer": 0}), seed=0)
+        count = min(count, self.cfg.limit or count)
+        return [stream.convert(row, i) for i, row in enumerate(islice(stream.dataset, count))]
 
 
 def open_stream(cfg: HFStreamConfig, *, seed: int, rank: int = 0, world: int = 1) -> StreamingSamples:

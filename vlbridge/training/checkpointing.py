@@ -17,11 +17,13 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import replace_dir
+from ..errors import ConfigError
 from .distributed import SHARDS_DIR
 from .zero import DEEPSPEED_DIR
 
 STATE_FILE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.pt"
+STREAM_DIR = "stream"  # one JSON per rank: where its part of a streamed dataset stands
 
 
 @dataclass
@@ -40,13 +42,24 @@ def checkpoint_dir(run_dir: Path, global_step: int) -> Path:
 
 
 def save_checkpoint(
-    run_dir: Path, engine, model, tokenizer, optimizer, scheduler, state: TrainerState
+    run_dir: Path,
+    engine,
+    model,
+    tokenizer,
+    optimizer,
+    scheduler,
+    state: TrainerState,
+    stream: dict | None = None,
 ) -> Path:
-    """Called on every rank: the engine writes weights and optimizer (the main process, or each its shard)."""
+    """Called on every rank: the engine writes weights and optimizer (the main process, or each its shard);
+    `stream`, this rank's position in a streamed dataset, goes beside them."""
     path = checkpoint_dir(run_dir, state.global_step)
     accelerator = engine.accelerator
     with shared_atomic_dir(path, accelerator) as tmp:
         engine.save(tmp, model, optimizer, tokenizer)
+        if stream is not None:
+            (tmp / STREAM_DIR).mkdir(exist_ok=True)
+            (tmp / STREAM_DIR / f"rank-{accelerator.process_index:05d}.json").write_text(json.dumps(stream))
         if accelerator.is_main_process:
             torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
             (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
@@ -76,6 +89,18 @@ def is_sharded(path: Path) -> bool:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = sorted((run_dir / "checkpoints").glob("step-*/" + STATE_FILE))
     return found[-1].parent if found else None
+
+
+def load_stream_state(path: Path, rank: int, world: int) -> dict:
+    """This rank's stream position in checkpoint `path`, which must come from a run with as many ranks (each
+    read its own part of the stream)."""
+    found = sorted((path / STREAM_DIR).glob("rank-*.json"))
+    if len(found) != world:
+        raise ConfigError(
+            f"{path} holds stream positions for {len(found)} ranks, but this run has {world}: a streamed "
+            f"dataset is split between ranks, so resume it with {len(found) or 'the same number of'} ranks"
+        )
+    return json.loads(found[rank].read_text())
 
 
 def load_state(path: Path) -> TrainerState:

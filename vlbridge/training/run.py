@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 
 from ..checkpoint import save_model
 from ..data.formats import load_source
+from ..data.streaming import StreamSource
 from ..errors import ConfigError
 from ..factory import build as build_model
 from ..factory import load_pretrained
@@ -66,11 +67,13 @@ def prepare_run_dir(recipe: Recipe, resume: bool, overwrite: bool) -> None:
 
 
 def training_texts(datasets: list, image_token: str) -> list[str]:
-    """Every message of every sample with its image markers blanked, for training a tokenizer; sources that
-    can list their conversations without loading images (`messages(i)`, e.g. shapes) are not made to
-    render them."""
+    """Every message of every sample with its image markers blanked, for training a tokenizer (of a stream,
+    its first `tokenizer_samples`); sources that can list their conversations without loading images
+    (`messages(i)`, e.g. shapes) are not made to render them."""
     texts = []
     for samples in datasets:
+        if isinstance(samples, StreamSource):
+            samples = samples.head(samples.cfg.tokenizer_samples)
         read = getattr(samples, "messages", None) or (lambda i, samples=samples: samples[i]["messages"])
         texts += [m["content"].replace(image_token, " ") for i in range(len(samples)) for m in read(i)]
     return texts
@@ -128,7 +131,9 @@ def run_training(
     stage_data = [load_source(s.data) if s.data is not None else train_data for s in recipe.train.stages]
     engine = engine_for(recipe.train.distributed, accelerator)
     meta = engine.weights_from_main and not accelerator.is_main_process
-    model, processor, state = build(recipe, stage_data, resume_from, str(accelerator.device), meta=meta)
+    device = accelerator.device
+    device = str(device) if device.index else device.type  # safetensors refuses "cpu:0", as a rank's CPU is
+    model, processor, state = build(recipe, stage_data, resume_from, device, meta=meta)
     trainer = Trainer(recipe, model, processor, stage_data, engine, console)
     state = trainer.train(state, resume_from)
     model = accelerator.unwrap_model(trainer.model)
@@ -146,16 +151,14 @@ def run_training(
         return summary
     save_model(model, run_dir / MODEL_DIR, processor.tokenizer, state=gathered)
     if gathered is not None:  # evaluate the saved model: the sharded one answers only with every rank
-        device = accelerator.device
-        model, processor = load_pretrained(
-            run_dir / MODEL_DIR, device=str(device) if device.index else device.type
-        )
+        model, processor = load_pretrained(run_dir / MODEL_DIR, device=device)
     if trainer.drops.total:
         console.print(
             f"[yellow]dropped {trainer.drops.total} over-long training samples: {trainer.drops.counts}"
         )
     if evaluate is not None and recipe.data.eval is not None:
-        summary.update(evaluate(recipe, model, processor, train_data, console))
+        seen = train_data if isinstance(train_data, Sequence) else []  # a stream is not reread for baselines
+        summary.update(evaluate(recipe, model, processor, seen, console))
     summary["wall_seconds"] = time.perf_counter() - wall_start
     (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
     console.print(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -14,11 +14,12 @@ from rich.console import Console
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from ..data.streaming import StreamSource
 from ..processing import DropCounter, VLProcessor
 from ..recipe import Recipe, StageConfig
 from .batches import EncodedSamples
-from .checkpointing import SCHEDULER_FILE, TrainerState, prune_checkpoints, save_checkpoint
-from .loader import BatchLoader
+from .checkpointing import SCHEDULER_FILE, TrainerState, load_stream_state, prune_checkpoints, save_checkpoint
+from .loader import BatchLoader, StreamLoader
 from .sampler import make_order
 from .stages import apply_stage, optimizer_groups, stage_table
 
@@ -94,24 +95,14 @@ class Trainer:
             if mid_stage:
                 scheduler.load_state_dict(torch.load(resume_from / SCHEDULER_FILE, weights_only=True))
         acc = self.accelerator
-        order = make_order(
-            self.recipe.train.sampler,
-            self.stage_data[index],
-            stage.batch_size,
-            self.recipe.seed + index,
-            acc.process_index,
-            acc.num_processes,
-            group=stage.grad_accum,
-        )
-        micro_steps = (state.stage_step * stage.grad_accum, stage.steps * stage.grad_accum)
-        batches = self._batches(index, order, *micro_steps)
+        batches, stream_state = self._batches(index, stage, state.stage_step, resume_from)
         wrapped, optimizer = self.engine.prepare(self.model, optimizer, stage)
         bar = tqdm(
             total=stage.steps, initial=state.stage_step, desc=stage.name, disable=not acc.is_main_process
         )
         while state.stage_step < stage.steps:
             started = time.perf_counter()
-            loss, tokens = self._step(wrapped, optimizer, scheduler, batches, order, stage, state)
+            loss, tokens = self._step(wrapped, optimizer, scheduler, batches, stage, state)
             elapsed = time.perf_counter() - started
             state.train_seconds += elapsed
             state.stage_step += 1
@@ -121,33 +112,40 @@ class Trainer:
                 loss=f"{loss:.3f}", tok_s=f"{tokens / elapsed:,.0f}", lr=f"{scheduler.get_last_lr()[0]:.2e}"
             )
             self._log(state, loss, tokens / elapsed, scheduler.get_last_lr()[0])
-            self._maybe_checkpoint(optimizer, scheduler, state, stage)
+            self._maybe_checkpoint(optimizer, scheduler, state, stream_state)
         bar.close()
         acc.free_memory()
 
-    def _batches(self, index: int, order, start: int, stop: int) -> Iterator[dict | None]:
-        """Micro-batches `start`..`stop - 1` of the stage's order: encoded once up front (`train.preencode`,
-        small sets) or built as the loop asks, in `train.num_workers` DataLoader workers (any size)."""
-        samples, train = self.stage_data[index], self.recipe.train
+    def _batches(
+        self, index: int, stage: StageConfig, stage_step: int, resume_from: Path | None
+    ) -> tuple[Iterator[dict | None], Callable[[], dict] | None]:
+        """This rank's micro-batches from optimizer step `stage_step` to the stage's end, and for a stream
+        the function that tells its position, for checkpoints.
+
+        A sequence's batches follow the stage's seeded order (`train.sampler`): encoded once up front
+        (`train.preencode`, small sets) or built as the loop asks, in `train.num_workers` DataLoader
+        workers (any size). A stream (`hf_streaming`) is read on, each rank its part, from where the
+        checkpoint's position for this rank left it; its batches are always built as the loop asks."""
+        source, train, acc = self.stage_data[index], self.recipe.train, self.accelerator
+        seed, rank, world = self.recipe.seed + index, acc.process_index, acc.num_processes
+        start, stop = stage_step * stage.grad_accum, stage.steps * stage.grad_accum
+        workers = dict(num_workers=train.num_workers, drops=self.drops, pin_memory=torch.cuda.is_available())
+        if isinstance(source, StreamSource):
+            stream = source.open(seed=seed, rank=rank, world=world)
+            if start:
+                stream.load_state_dict(load_stream_state(resume_from, rank, world))
+            loader = StreamLoader(stream, self.processor, stage.batch_size, stop - start, **workers)
+            return iter(loader), loader.state_dict
+        order = make_order(train.sampler, source, stage.batch_size, seed, rank, world, group=stage.grad_accum)
         if not train.preencode:
-            loader = BatchLoader(
-                samples,
-                self.processor,
-                order,
-                start,
-                stop,
-                num_workers=train.num_workers,
-                drops=self.drops,
-                pin_memory=torch.cuda.is_available(),
-            )
-            return iter(loader)
-        data = EncodedSamples(samples, self.processor, self.drops, cache=True)
+            return iter(BatchLoader(source, self.processor, order, start, stop, **workers)), None
+        data = EncodedSamples(source, self.processor, self.drops, cache=True)
         started = time.perf_counter()
         data.encode_all()
         self.data_seconds += time.perf_counter() - started
-        return (data.batch(order.batch(k)) for k in range(start, stop))
+        return (data.batch(order.batch(k)) for k in range(start, stop)), None
 
-    def _step(self, wrapped, optimizer, scheduler, batches, order, stage, state) -> tuple[float, int]:
+    def _step(self, wrapped, optimizer, scheduler, batches, stage, state) -> tuple[float, int]:
         """One optimizer step over `grad_accum` micro-batches; returns (mean loss, tokens processed)."""
         acc = self.accelerator
         wrapped.train()
@@ -157,7 +155,7 @@ class Trainer:
             batch = next(batches)  # first: a DataLoader draws from the global RNG when it starts
             position = k * acc.num_processes + acc.process_index
             torch.manual_seed(batch_seed(self.recipe.seed, stage.name, position))
-            state.samples_seen += order.batch_size * acc.num_processes
+            state.samples_seen += stage.batch_size * acc.num_processes
             if batch is None:
                 continue
             batch = {key: v.to(acc.device) if torch.is_tensor(v) else v for key, v in batch.items()}
@@ -186,16 +184,13 @@ class Trainer:
             self.writer.add_scalar("train/tokens_per_s", tokens_per_s, state.global_step)
             self.writer.add_scalar("train/lr", lr, state.global_step)
 
-    def _maybe_checkpoint(self, optimizer, scheduler, state: TrainerState, stage: StageConfig) -> None:
+    def _maybe_checkpoint(self, optimizer, scheduler, state: TrainerState, stream_state) -> None:
         every = self.recipe.train.save_every
         if not every or state.global_step % every:
             return
-        self.save_checkpoint(optimizer, scheduler, state)
-
-    def save_checkpoint(self, optimizer, scheduler, state: TrainerState) -> None:
-        save_checkpoint(
-            self.run_dir, self.engine, self.model, self.processor.tokenizer, optimizer, scheduler, state
-        )
+        stream = stream_state() if stream_state is not None else None
+        tokenizer = self.processor.tokenizer
+        save_checkpoint(self.run_dir, self.engine, self.model, tokenizer, optimizer, scheduler, state, stream)
         if self.accelerator.is_main_process:
             prune_checkpoints(self.run_dir, self.recipe.train.keep_checkpoints)
 
