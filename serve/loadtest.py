@@ -9,6 +9,11 @@ tokens/s, p50/p95 time to first token and inter-token latency, errors, and the s
 memory. The same engine with `--max-batch-size 1` (one request at a time) serves `--baseline-clients`
 in the same run for the batching speed-up; `--roofline` adds batch-1 decode speed against memory
 bandwidth (serve/roofline.py). Results go to OUTPUT/results.json and a markdown table on stdout.
+
+`--peer transformers` instead puts `vlbridge serve` beside `transformers serve` on the same model
+(serve/peer.py): image chats against its llava-hf export, text chats against the LLM alone (continuous
+batching on, which the peer has for text only), at `--peer-clients` (1 16 64), with output tokens/s, p50/p99
+time to first token, errors, the ratio, and whether both give the same greedy answers.
 """
 
 from __future__ import annotations
@@ -25,11 +30,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import httpx
 from PIL import Image, ImageDraw
+
+from .peer import greedy_answers, llava_hf_copy, llm_copy, transformers_serve
 
 # A mid-size random model: a 12-layer, 768-wide Llama (≈75 M LLM parameters, 300 MB in fp32, far beyond
 # any CPU cache, so decode is bandwidth-bound) over a small ViT; the tiny one is vlbridge.testing's.
@@ -47,10 +56,13 @@ MID_OVERRIDES = {
     "frontend": {
         "type": "llava",
         "vision": {"config": {"hidden_size": 256, "intermediate_size": 512, "image_size": 64}},
+        "connector": {"merge": 1},  # as LLaVA's: one token a patch, so transformers' LLaVA can load it
         "image": {"size": 64},
     },
     "max_length": 1024,
 }
+
+TINY_OVERRIDES = {"frontend": {"connector": {"merge": 1}}}  # vlbridge.testing's tiny model, as LLaVA's
 
 
 @dataclass
@@ -80,6 +92,7 @@ class Level:
             "output_tokens_per_s": round(self.tokens / self.wall_s, 2),
             "ttft_ms_p50": pct(self.ttft, 50),
             "ttft_ms_p95": pct(self.ttft, 95),
+            "ttft_ms_p99": pct(self.ttft, 99),
             "itl_ms_p50": pct(self.gaps, 50),
             "itl_ms_p95": pct(self.gaps, 95),
             "wall_s": round(self.wall_s, 2),
@@ -136,25 +149,36 @@ async def one_request(client: httpx.AsyncClient, body: dict, level: Level) -> No
     level.gaps += [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
 
 
-async def run_level(url: str, clients: int, duration: float, max_tokens: int, batch: str) -> Level:
-    """`clients` closed-loop clients for `duration` seconds (requests in flight at the end complete)."""
-    level = Level(clients, batch)
+def image_chat(question: str = "What color is the circle?") -> list[dict]:
+    image = {"type": "image_url", "image_url": {"url": question_image()}}
+    return [{"role": "user", "content": [image, {"type": "text", "text": question}]}]
+
+
+def text_chat(question: str = "Which shape has three sides, and which has four?") -> list[dict]:
+    return [{"role": "user", "content": question}]
+
+
+def request_body(
+    messages: list[dict], max_tokens: int, *, model: str | None = None, fixed: bool = True
+) -> dict:
+    """A streamed greedy request; `fixed`: exactly `max_tokens` tokens (`ignore_eos`, a vlbridge extension
+    other servers refuse)."""
     body = {
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": question_image()}},
-                    {"type": "text", "text": "What color is the circle?"},
-                ],
-            }
-        ],
+        "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,
-        "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if model is not None:
+        body["model"] = model
+    return body | ({"ignore_eos": True} if fixed else {})
+
+
+async def run_level(url: str, clients: int, duration: float, body: dict, batch: str) -> Level:
+    """`clients` closed-loop clients sending `body` for `duration` seconds (requests in flight at the end
+    complete)."""
+    level = Level(clients, batch)
     limits = httpx.Limits(max_connections=clients + 1, max_keepalive_connections=clients + 1)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         start = time.perf_counter()
@@ -170,23 +194,14 @@ async def run_level(url: str, clients: int, duration: float, max_tokens: int, ba
 
 
 class ServerProcess:
-    """`vlbridge serve` in a child process on a free port; reports its peak resident memory."""
+    """A server in a child process on a free port (`command(port)`); reports its peak resident memory."""
 
-    def __init__(self, checkpoint: str, flags: list[str], threads: int | None = None) -> None:
+    def __init__(self, command: Callable[[int], list[str]], threads: int | None = None) -> None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [
-            sys.executable,
-            "-m",
-            "vlbridge.cli",
-            "serve",
-            checkpoint,
-            "--port",
-            str(self.port),
-            *flags,
-        ]
+        command = command(self.port)
         env = dict(os.environ)
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
@@ -214,6 +229,7 @@ class ServerProcess:
         return float("nan")
 
     def stats(self) -> dict:
+        """vlbridge's engine counters (`/stats`)."""
         return httpx.get(f"{self.url}/stats", timeout=10).json()
 
     def stop(self) -> None:
@@ -221,20 +237,79 @@ class ServerProcess:
         self.process.wait(timeout=60)
 
 
-def serve_levels(args, checkpoint: str, max_batch: int, levels: list[int], batch: str) -> dict:
-    flags = ["--max-batch-size", str(max_batch), "--model-name", "bench"]
-    server = ServerProcess(checkpoint, flags, args.threads)
+def vlbridge_serve(checkpoint: str, *flags: str) -> Callable[[int], list[str]]:
+    """The `vlbridge serve` command for `ServerProcess`."""
+    command = [sys.executable, "-m", "vlbridge.cli", "serve", checkpoint]
+    return lambda port: [*command, "--port", str(port), *flags]
+
+
+def serve_levels(
+    server: ServerProcess,
+    levels: list[int],
+    duration: float,
+    body: dict,
+    batch: str,
+    more: Callable[[str], dict] = lambda url: {},
+) -> dict:
+    """Load levels one after the other against a starting server, plus what `more(url)` asks of it after
+    them; the server is stopped at the end."""
     try:
         server.wait_ready()
-        asyncio.run(run_level(server.url, 1, 0, args.max_tokens, batch))  # warm-up: one request
+        asyncio.run(run_level(server.url, 1, 0, body, batch))  # warm-up: one request
         results = []
         for clients in levels:
-            level = asyncio.run(run_level(server.url, clients, args.duration, args.max_tokens, batch))
+            level = asyncio.run(run_level(server.url, clients, duration, body, batch))
             results.append(level.summary())
             print(json.dumps(results[-1]), flush=True)
-        return {"levels": results, "peak_rss_mb": round(server.peak_rss_mb(), 1), "engine": server.stats()}
+        return {"levels": results, "peak_rss_mb": round(server.peak_rss_mb(), 1), **more(server.url)}
     finally:
         server.stop()
+
+
+def own_levels(args, checkpoint: str, max_batch: int, levels: list[int], batch: str) -> dict:
+    """vlbridge's engine at `max_batch` under fixed-length image chats, with its counters."""
+    flags = ("--max-batch-size", str(max_batch), "--model-name", "bench")
+    server = ServerProcess(vlbridge_serve(checkpoint, *flags), args.threads)
+    body = request_body(image_chat(), args.max_tokens)
+    return serve_levels(server, levels, args.duration, body, batch, lambda url: {"engine": server.stats()})
+
+
+CHECK_QUESTIONS = ("What color is the circle?", "Is there a square?", "How many shapes are there?")
+
+
+def peer_comparison(args, checkpoint: str) -> dict:
+    """vlbridge and `transformers serve` one after the other on the same model, load and greedy requests:
+    image chats against the llava-hf export, text chats against the LLM alone (where the peer batches
+    continuously). Answers must agree for the figures to compare the same work."""
+    work = Path(tempfile.mkdtemp(prefix="vlbridge-peer-"))
+    workloads = {
+        "image": (image_chat, llava_hf_copy(checkpoint, work / "llava-hf"), False),
+        "text": (text_chat, llm_copy(checkpoint, work / "llm"), True),
+    }
+    report: dict = {"clients": args.peer_clients}
+    for kind, (chat, peer_dir, batching) in workloads.items():
+        ours = vlbridge_serve(
+            checkpoint, "--max-batch-size", str(args.max_batch_size), "--model-name", "bench"
+        )
+        theirs = partial(transformers_serve, peer_dir, continuous_batching=batching)
+        servers = {"vlbridge": (ours, "bench"), "transformers": (theirs, str(peer_dir))}
+        checks = [chat(question) for question in CHECK_QUESTIONS]
+        runs = {}
+        for name, (command, model) in servers.items():
+            body = request_body(chat(), args.max_tokens, model=model, fixed=False)
+            answers = partial(greedy_answers, model=model, requests=checks, max_tokens=args.max_tokens)
+            server = ServerProcess(command, args.threads)
+            runs[name] = serve_levels(server, args.peer_clients, args.duration, body, name, answers)
+        ours, theirs = runs["vlbridge"], runs["transformers"]
+        runs["identical_answers"] = ours["answers"] == theirs["answers"]
+        runs["ratio"] = [
+            round(a["output_tokens_per_s"] / b["output_tokens_per_s"], 2)
+            if b["output_tokens_per_s"]
+            else None
+            for a, b in zip(ours["levels"], theirs["levels"], strict=True)
+        ]
+        report[kind] = runs
+    return report
 
 
 def random_checkpoint(size: str) -> str:
@@ -244,10 +319,24 @@ def random_checkpoint(size: str) -> str:
     out = Path(tempfile.mkdtemp(prefix=f"vlbridge-{size}-")) / size
     if size not in ("tiny", "mid"):
         raise SystemExit(f"unknown random model size {size!r}: use random:tiny or random:mid")
-    overrides = MID_OVERRIDES if size == "mid" else {}
+    overrides = MID_OVERRIDES if size == "mid" else TINY_OVERRIDES
     model, tokenizer, _ = tiny_model("llama", "clip_vision_model", **overrides)
+    answer_in_visible_text(model.language_model, tokenizer)
     model.save_pretrained(out, tokenizer)
     return str(out)
+
+
+def answer_in_visible_text(language_model, tokenizer) -> None:
+    """Zero the output rows of tokens that show no text (special tokens, end of text included) or part of
+    a character (a lone UTF-8 byte). Random weights otherwise pick them as readily as any, and an answer
+    no server can show has no time to first token; a zero logit loses to the largest of the others, so
+    answers are also as long as `max_tokens` on any server, without `ignore_eos`."""
+    import torch
+
+    texts = [tokenizer.decode([i], skip_special_tokens=True) for i in range(len(tokenizer))]
+    hidden = [i for i, text in enumerate(texts) if not text or "\ufffd" in text]
+    with torch.no_grad():
+        language_model.get_output_embeddings().weight[hidden] = 0
 
 
 def roofline(checkpoint: str, threads: int | None) -> dict:
@@ -264,9 +353,31 @@ def roofline(checkpoint: str, threads: int | None) -> dict:
     return decode_roofline(model, processor.tokenizer, processor)
 
 
-def markdown(report: dict) -> str:
-    head = "| batching | clients | req/s | out tok/s | TTFT p50/p95 ms | ITL p50/p95 ms | errors |"
-    rows = [head, "|---|---|---|---|---|---|---|"]
+def peer_markdown(peer: dict) -> list[str]:
+    rows = [
+        "| chats | clients | vlbridge out tok/s | transformers out tok/s | ratio "
+        "| TTFT p50/p99 ms vlbridge | TTFT p50/p99 ms transformers | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for kind in ("image", "text"):
+        runs = peer[kind]
+        levels = zip(runs["vlbridge"]["levels"], runs["transformers"]["levels"], runs["ratio"], strict=True)
+        for ours, theirs, ratio in levels:
+            cells = [kind, ours["clients"], ours["output_tokens_per_s"], theirs["output_tokens_per_s"]]
+            cells += [f"**{ratio}x**", *(f"{r['ttft_ms_p50']} / {r['ttft_ms_p99']}" for r in (ours, theirs))]
+            cells.append(f"{ours['errors']} / {theirs['errors']}")
+            rows.append("| " + " | ".join(map(str, cells)) + " |")
+    for kind in ("image", "text"):
+        same = "identical" if peer[kind]["identical_answers"] else "DIFFERENT"
+        rows.append(f"{kind} chats: greedy answers {same} on both servers ({len(CHECK_QUESTIONS)} requests)")
+    return rows
+
+
+def own_markdown(report: dict) -> list[str]:
+    rows = [
+        "| batching | clients | req/s | out tok/s | TTFT p50/p95 ms | ITL p50/p95 ms | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for mode in ("batched", "one_at_a_time"):
         for lv in report[mode]["levels"]:
             rows.append(
@@ -280,6 +391,11 @@ def markdown(report: dict) -> str:
         f"peak server RSS: batched {report['batched']['peak_rss_mb']} MB, "
         f"one at a time {report['one_at_a_time']['peak_rss_mb']} MB"
     )
+    return rows
+
+
+def markdown(report: dict) -> str:
+    rows = peer_markdown(report["peer"]) if "peer" in report else own_markdown(report)
     if report.get("speedup"):
         rows.append(
             f"output tokens/s at {report['speedup']['clients']} clients, batched / one at a time: "
@@ -309,15 +425,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="server torch threads (OMP_NUM_THREADS)")
     parser.add_argument("--roofline", action="store_true", help="also batch-1 decode vs memory bandwidth")
     parser.add_argument("--output", default="runs/serve_load")
+    parser.add_argument(
+        "--peer",
+        choices=["transformers"],
+        help="instead of batched vs one at a time, vlbridge beside `transformers serve` on the same model",
+    )
+    parser.add_argument("--peer-clients", type=int, nargs="+", default=[1, 16, 64])
     args = parser.parse_args(argv)
 
     checkpoint = args.checkpoint
     if checkpoint.startswith("random:"):
         checkpoint = random_checkpoint(checkpoint.split(":", 1)[1])
     report: dict = {"checkpoint": args.checkpoint, "duration_s": args.duration, "max_tokens": args.max_tokens}
-    report["batched"] = serve_levels(args, checkpoint, args.max_batch_size, args.clients, "continuous")
-    report["one_at_a_time"] = serve_levels(args, checkpoint, 1, [args.baseline_clients], "max batch 1")
-    batched = {lv["clients"]: lv for lv in report["batched"]["levels"]}
+    if args.peer:
+        report["peer"] = peer_comparison(args, checkpoint)
+    else:
+        report["batched"] = own_levels(args, checkpoint, args.max_batch_size, args.clients, "continuous")
+        report["one_at_a_time"] = own_levels(args, checkpoint, 1, [args.baseline_clients], "max batch 1")
+    batched = {lv["clients"]: lv for lv in report.get("batched", {}).get("levels", [])}
     if args.baseline_clients in batched:
         base = report["one_at_a_time"]["levels"][0]["output_tokens_per_s"]
         ratio = batched[args.baseline_clients]["output_tokens_per_s"] / base if base else float("inf")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from .loadtest import ServerProcess, random_checkpoint
+from .loadtest import ServerProcess, random_checkpoint, vlbridge_serve
 
 SMALL = {"messages": [{"role": "user", "content": "What color is the circle?"}], "max_tokens": 4}
 MIB = 2**20
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="runs/stallcheck.json")
     args = parser.parse_args(argv)
     checkpoint = random_checkpoint("tiny") if args.checkpoint == "random:tiny" else args.checkpoint
-    server = ServerProcess(checkpoint, [])
+    server = ServerProcess(vlbridge_serve(checkpoint))
     try:
         server.wait_ready()
         report = check(server.url, args.seconds)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import pytest
 
-from vlbridge.serve.loadtest import ServerProcess
+from vlbridge.serve.loadtest import ServerProcess, vlbridge_serve
 from vlbridge.serve.stallcheck import ABUSES, check
 
 pytestmark = pytest.mark.slow
 
 
 def test_oversized_requests_are_refused_within_a_second_and_small_chats_stay_within_2x(checkpoint):
-    server = ServerProcess(str(checkpoint), [])
+    server = ServerProcess(vlbridge_serve(str(checkpoint)))
     try:
         server.wait_ready()
         report = check(server.url, seconds=3.0)  # twice the small chats of 1.5 s: steadier medians
