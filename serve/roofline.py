@@ -22,15 +22,19 @@ from .prompts import Prompt
 from .sampling import SamplingParams
 
 
-def memory_bandwidth(mebibytes: int = 512, repeats: int = 8) -> float:
-    """Bytes/s of a large tensor copy (each byte read once and written once), best of `repeats`."""
-    source = torch.ones(mebibytes * 2**20 // 4)
+def memory_bandwidth(mebibytes: int = 512, repeats: int = 8, device: torch.device | str = "cpu") -> float:
+    """Bytes/s of a large tensor copy on `device` (each byte read once and written once), best of
+    `repeats`."""
+    source = torch.ones(mebibytes * 2**20 // 4, device=device)
     target = torch.empty_like(source)
+    sync = torch.cuda.synchronize if source.is_cuda else (lambda: None)
     target.copy_(source)  # first touch: page faults are not bandwidth
+    sync()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         target.copy_(source)
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * source.numel() * source.element_size() / best
 
@@ -92,7 +96,7 @@ def decode_roofline(
     lm = model.language_model
     weights = weight_bytes_per_token(lm)
     kv = kv_bytes_per_token(lm, prompt.tokens + tokens // 2)
-    bandwidth = memory_bandwidth(bandwidth_mib)
+    bandwidth = memory_bandwidth(bandwidth_mib, device=model.device)
     limit = bandwidth / (weights + kv)
     return {
         "decode_tokens_per_s": 1 / step,
