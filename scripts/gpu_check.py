@@ -140,9 +140,16 @@ def decode_roofline(checkpoint: Path, device: str) -> dict:
 
 
 def serve_64(checkpoint: Path, seconds: float) -> dict:
-    from vlbridge.serve.loadtest import ServerProcess, image_chat, request_body, run_level, vlbridge_serve
+    from vlbridge.serve.loadtest import (
+        NO_REUSE,
+        ServerProcess,
+        image_chat,
+        request_body,
+        run_level,
+        vlbridge_serve,
+    )
 
-    server = ServerProcess(vlbridge_serve(str(checkpoint), "--max-batch-size", "64"))
+    server = ServerProcess(vlbridge_serve(str(checkpoint), "--max-batch-size", "64", *NO_REUSE))
     try:
         server.wait_ready()
         body = request_body(image_chat(), 64)

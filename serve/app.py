@@ -75,6 +75,7 @@ def create_app(engine: Engine, builder: PromptBuilder, config: ServerConfig, mod
             "max_batch_size": engine.max_batch_size,
             **engine.load(),
             **engine.stats.as_dict(),
+            "reuse": engine.reuse(),
         }
 
     @app.post("/v1/chat/completions", dependencies=[auth])

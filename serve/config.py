@@ -46,5 +46,9 @@ class ServerConfig(Strict):
     max_model_len: int | None = Field(default=None, ge=8)  # default: the LLM's max_position_embeddings
     default_max_tokens: int = Field(default=256, ge=1)
     max_n: int = Field(default=8, ge=1)
+    # Multi-turn reuse (0: off): the features of images seen before, and the KV of finished requests'
+    # prompts and answers, whose next turns then prefill only what is new.
+    encoder_cache_mb: float = Field(default=256, ge=0)
+    prefix_cache_mb: float = Field(default=1024, ge=0)
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     media: MediaConfig = Field(default_factory=MediaConfig)

@@ -7,6 +7,11 @@ text is handed to the request as soon as it is safe to show, so streaming works 
 Models whose batches keep per-row state (`VLModel.keeps_batch_state`: a deep-fusion front-end's visual
 memory, in-LLM reducers' per-layer caches) run in static batches: a batch admits no one until all its
 rows are done.
+
+Multi-turn reuse: an image seen before is not encoded again (encoder_cache.py), and a prompt that starts
+as a finished request's prompt and answer did (the next turn of a chat) runs only the rest, on a copy of
+that KV (prefix_cache.py), alone, before joining the batch. Models for which either would change the
+answer run without it (`reuse()` says why).
 """
 
 from __future__ import annotations
@@ -19,15 +24,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 
+from vlbridge.errors import VLBridgeError
 from vlbridge.llm_calls import key_bias_kwargs, with_cache
-from vlbridge.processing import pad_batch
+from vlbridge.processing import Encoded, pad_batch
 from vlbridge.tokenization import generation_kwargs
 
+from . import encoder_cache, prefix_cache
+from .encoder_cache import EncoderCache
 from .errors import APIError
 from .kvcache import KVBatch
+from .prefix_cache import Hit, PrefixCache
+from .prompt_keys import PromptKey
 from .prompts import Prompt
 from .sampling import SamplingParams, pick_token, row_generator, token_logprobs
 from .textstream import TextStream
@@ -66,22 +77,28 @@ class Request:
 
 
 class Row:
-    """One choice of one request inside the running batch."""
+    """One choice of one request inside the running batch; `key` identifies its prompt for reuse (None:
+    the engine reuses nothing)."""
 
-    def __init__(self, request: Request, choice: int, engine: Engine) -> None:
+    def __init__(self, request: Request, choice: int, engine: Engine, key: PromptKey | None) -> None:
         self.request = request
         self.choice = choice
+        self.key = key
         self.params = request.params
         self.generator = row_generator(request.params.seed, choice, engine.device)
         self.text = TextStream(engine.decode, request.params.stop)
-        self.generated = 0
+        self.generated: list[int] = []
         self.done = False
         self.engine = engine
+
+    def prompt_part(self, start: int) -> tuple[Encoded, list[int]]:
+        """The prompt from token `start` on, and its images' digests."""
+        return self.key.tail(start) if self.key is not None else (self.request.prompt.encoded, [])
 
     def accept(self, token: int, logits: torch.Tensor) -> None:
         """Take the sampled token, emit the text it makes safe to show, and finish when due."""
         engine, params = self.engine, self.params
-        self.generated += 1
+        self.generated.append(token)
         event = Event(self.choice, tokens=1)
         if params.logprobs:
             event.logprobs.append(engine.logprob_entry(logits, token, params.top_logprobs))
@@ -92,8 +109,8 @@ class Row:
             if self.text.stopped:
                 event.finish_reason = "stop"
             elif (
-                self.generated >= params.max_tokens
-                or self.request.prompt.tokens + self.generated >= engine.context_length
+                len(self.generated) >= params.max_tokens
+                or self.request.prompt.tokens + len(self.generated) >= engine.context_length
             ):
                 event.text += self.text.finish()
                 event.finish_reason = "length"
@@ -142,6 +159,8 @@ class Engine:
         batching: str = "auto",
         batch_window_s: float = 0.002,
         max_queue: int = 1024,
+        encoder_cache_mb: float = 256,
+        prefix_cache_mb: float = 1024,
     ) -> None:
         self.model = model
         self.lm = model.language_model
@@ -157,6 +176,16 @@ class Engine:
         self.pad_id = gen["pad_token_id"]
         self.banned = list(model.frontend.special_token_ids)
         self.stats = EngineStats()
+        self._off = {
+            "encoder_cache": _reason_off(
+                encoder_cache_mb, "--encoder-cache-mb", encoder_cache.refusal(model)
+            ),
+            "prefix_cache": _reason_off(prefix_cache_mb, "--prefix-cache-mb", prefix_cache.refusal(model)),
+        }
+        self.encoder_cache = (
+            None if self._off["encoder_cache"] else EncoderCache(model, _mib(encoder_cache_mb))
+        )
+        self.prefix_cache = None if self._off["prefix_cache"] else PrefixCache(_mib(prefix_cache_mb))
         self._waiting: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
         self._rows: list[Row] = []
@@ -194,6 +223,16 @@ class Engine:
     @property
     def mode(self) -> str:
         return "static" if self.static else "continuous"
+
+    def reuse(self) -> dict[str, dict[str, Any]]:
+        """Each reuse cache's counters, or why it is off."""
+        caches = {"encoder_cache": self.encoder_cache, "prefix_cache": self.prefix_cache}
+        return {
+            name: {"enabled": True, **cache.summary()}
+            if cache is not None
+            else {"enabled": False, "reason": self._off[name]}
+            for name, cache in caches.items()
+        }
 
     # -- helpers rows use --------------------------------------------------------------------------
     def decode(self, tokens: list[int]) -> str:
@@ -253,21 +292,50 @@ class Engine:
             return taken
 
     def _prefill(self, requests: list[Request]) -> None:
-        """Run the new prompts as one left-padded batch, sample their first tokens, join the batch."""
-        rows = [Row(req, i, self) for req in requests for i in range(req.n)]
+        """Prefill the new requests, sample their first tokens, join the batch. Requests continuing a cached
+        prefix run on a copy of it, together only with those continuing the same prefix by as many tokens
+        (nothing to pad); the others run as one left-padded batch."""
+        cold: list[Row] = []
+        warm: dict[tuple[int, int, int], tuple[Hit, list[Row]]] = {}
+        for request in requests:
+            try:
+                key = self._key(request.prompt)
+            except VLBridgeError as err:  # its images do not fill its placeholders
+                self._fail([request], err)
+                continue
+            rows = [Row(request, i, self, key) for i in range(request.n)]
+            hit = self.prefix_cache.lookup(key) if self.prefix_cache is not None else None
+            if hit is None:
+                cold += rows
+            else:
+                warm.setdefault((id(hit.kv), hit.tokens, len(key.tokens)), (hit, []))[1].extend(rows)
+        for hit, rows in warm.values():
+            self._prefill_rows(rows, hit)
+        if cold:
+            self._prefill_rows(cold, None)
+
+    def _key(self, prompt: Prompt) -> PromptKey | None:
+        if self.encoder_cache is None and self.prefix_cache is None:
+            return None
+        return PromptKey.of(prompt.encoded, self.model.frontend.layout, self.model.frontend.image_token_id)
+
+    def _prefill_rows(self, rows: list[Row], hit: Hit | None) -> None:
+        """Prefill `rows` together (on `hit`'s cached prefix, when given) and add them to the batch."""
+        requests = list(dict.fromkeys(row.request for row in rows))
         try:
-            logits, kv = self._forward_prompts([row.request.prompt for row in rows])
+            logits, kv = self._forward_rows(rows, hit)
         except Exception as err:
             if len(requests) > 1:  # find the culprit: the others must not fail with it
                 for request in requests:
-                    self._prefill([request])
+                    self._prefill_rows([row for row in rows if row.request is request], hit)
                 return
             self._fail(requests, err)
             return
         self.stats.requests += len(requests)
         self.stats.prefills += 1
         self.stats.prefill_rows += len(rows)
-        tokens = self._advance(rows, logits)
+        tokens, finished = self._advance(rows, logits)
+        self._keep_prefixes(rows, kv, finished)
         if self._kv is None:
             self._rows, self._kv, self._last = rows, kv, tokens
         else:
@@ -276,19 +344,43 @@ class Engine:
             self._last = torch.cat([self._last, tokens])
         self._drop_finished()
 
-    def _forward_prompts(self, prompts: list[Prompt]) -> tuple[torch.Tensor, KVBatch]:
-        batch = pad_batch([p.encoded for p in prompts], self.pad_id, self.model.frontend.layout, side="left")
+    def _forward_rows(self, rows: list[Row], hit: Hit | None) -> tuple[torch.Tensor, KVBatch]:
+        """The rows' prompts from scratch, or (`hit`) what follows the cached prefix they all share."""
+        if hit is None:
+            return self._forward_prompts([row.prompt_part(0) for row in rows])
+        key, start = rows[0].key, hit.tokens
+        past = hit.kv.prefix(start, len(rows), self.model.position_after(start, key.images_before(start)))
+        return self._forward_prompts([row.prompt_part(start) for row in rows], past)
+
+    def _forward_prompts(
+        self, prompts: list[tuple[Encoded, list[int]]], past: KVBatch | None = None
+    ) -> tuple[torch.Tensor, KVBatch]:
+        """Run (prompt, image digests) pairs as one left-padded batch, on an empty cache or on `past` (the KV
+        of what precedes each; then no prompt is padded); the last logits [B, V] and the KV of all."""
+        batch = pad_batch([p for p, _ in prompts], self.pad_id, self.model.frontend.layout, side="left")
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         pixels = batch["pixel_values"]
         if isinstance(pixels, torch.Tensor):
             pixels = pixels.to(self.device)
-        inputs = self.model.llm_inputs(ids, mask, pixels)
+        inputs = self.model.llm_inputs(ids, mask, pixels, self._image_features(prompts))
         if inputs.position_ids is None:  # left padding: each row counts its own real tokens
             inputs.position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
+        if past is not None:
+            cache = past.cache
+            inputs.position_ids = inputs.position_ids + (past.mask.sum(-1) + past.shift)[:, None]
+            inputs.attention_mask, inputs.key_bias = past.continued(mask, inputs.key_bias)
         out = self.lm(**with_cache(self.lm, cache, **inputs.kwargs()), use_cache=True, logits_to_keep=1)
+        mask = inputs.attention_mask
         shift = inputs.position_ids[:, -1] - (mask.sum(-1) - 1)
         return out.logits[:, -1], KVBatch(cache, mask, shift, inputs.key_bias, inputs.frontend_kwargs)
+
+    def _image_features(self, prompts: list[tuple[Encoded, list[int]]]) -> torch.Tensor | None:
+        """The prompts' image features from the encoder cache (None: the front-end encodes them itself)."""
+        digests = [d for _, ds in prompts for d in ds]
+        if self.encoder_cache is None or not digests:
+            return None
+        return self.encoder_cache.features([p for e, _ in prompts for p in e.pixel_values], digests)
 
     def _step(self) -> None:
         """One decode step for every running row."""
@@ -305,18 +397,22 @@ class Engine:
         self.stats.decode_rows += live
         self.stats.max_batch = max(self.stats.max_batch, live)
         self.stats.batch_sizes[live] += 1
-        self._last = self._advance(self._rows, out.logits[:, -1])
+        self._last, finished = self._advance(self._rows, out.logits[:, -1])
+        self._keep_prefixes(self._rows, self._kv, finished)
         self._drop_finished()
 
-    def _advance(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
-        """Sample each live row's next token from logits [B, V]; returns the tokens to feed next [B]."""
+    def _advance(self, rows: list[Row], logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Sample each live row's next token from logits [B, V]; returns the tokens to feed next [B] and
+        the rows that finished now."""
         logits = logits.float()
         if self.banned:
             logits[:, self.banned] = float("-inf")
         argmax = logits.argmax(-1).tolist()
-        tokens = []
+        tokens, finished = [], []
         for i, row in enumerate(rows):
             if row.done or row.request.cancelled:
+                if not row.done:
+                    finished.append(i)
                 row.done = True
                 tokens.append(self.pad_id)
                 continue
@@ -324,7 +420,19 @@ class Engine:
             row.accept(token, logits[i])
             self.stats.tokens += 1
             tokens.append(token)
-        return torch.tensor(tokens, dtype=torch.long, device=self.device)
+            if row.done:
+                finished.append(i)
+        return torch.tensor(tokens, dtype=torch.long, device=self.device), finished
+
+    def _keep_prefixes(self, rows: list[Row], kv: KVBatch, finished: list[int]) -> None:
+        """Cache the KV of the rows that finished now: their prompt and every answer token fed so far (the
+        last one sampled never is)."""
+        if self.prefix_cache is None:
+            return
+        for i in finished:
+            row = kv.row(i)
+            tokens = np.concatenate([rows[i].key.tokens, np.asarray(rows[i].generated, dtype=np.int64)])
+            self.prefix_cache.keep(tokens[: row.mask.shape[1]], row)
 
     def _drop_finished(self) -> None:
         """Continuous: finished rows leave now. Static: the batch ends when its last row finishes."""
@@ -340,3 +448,18 @@ class Engine:
         for request in dict.fromkeys(requests):
             self.stats.failed += 1
             request.sink(Event(error=err))
+
+
+def _mib(megabytes: float) -> int:
+    return int(megabytes * 2**20)
+
+
+def _reason_off(megabytes: float, flag: str, refusal: str | None) -> str | None:
+    """Why a reuse cache is off (None: it is on); a model's refusal is logged once."""
+    if megabytes <= 0:
+        return f"{flag} is 0"
+    if refusal is not None:
+        log.warning(
+            "%s: off for this model, because %s", flag.removeprefix("--").removesuffix("-mb"), refusal
+        )
+    return refusal

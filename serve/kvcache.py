@@ -59,6 +59,45 @@ class KVBatch:
                 "tied together until it ends, so the engine must run it as a static batch"
             )
 
+    @property
+    def nbytes(self) -> int:
+        states = sum(layer.keys.nbytes + layer.values.nbytes for layer in self.cache.layers)
+        return states + (0 if self.bias is None else self.bias.nbytes)
+
+    def row(self, i: int) -> KVBatch:
+        """Row `i` alone, only its real tokens, in tensors of its own (the batch goes on changing)."""
+        columns = self.mask[i].nonzero().flatten()
+        bias = None if self.bias is None else self.bias[i : i + 1, columns]
+        mask = self.mask[i : i + 1, columns]
+        return self._rebuilt(lambda states: states[i : i + 1, :, columns], mask, self.shift[i : i + 1], bias)
+
+    def prefix(self, length: int, rows: int, next_position: int) -> KVBatch:
+        """`rows` copies of this one-row batch's first `length` tokens, after which the next token sits at
+        RoPE position `next_position`."""
+        mask = self.mask[:, :length].expand(rows, -1)
+        shift = self.shift.new_full((rows,), next_position - length)
+        bias = None if self.bias is None else self.bias[:, :length].expand(rows, -1)
+        return self._rebuilt(lambda states: states[:, :, :length].expand(rows, -1, -1, -1), mask, shift, bias)
+
+    def _rebuilt(self, pick, mask: torch.Tensor, shift: torch.Tensor, bias: torch.Tensor | None) -> KVBatch:
+        """A batch in fresh tensors: `pick` of every layer's keys and values, with this mask, shift, bias."""
+        self._refuse_row_changes()
+        cache = DynamicCache()
+        for index, layer in enumerate(self.cache.layers):
+            cache.update(pick(layer.keys), pick(layer.values), index)  # copies
+        return KVBatch(cache, mask.clone(), shift.clone(), None if bias is None else bias.clone())
+
+    def continued(
+        self, mask: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention mask and key bias [B, T + S] of a call that runs S more tokens on these rows
+        (their `mask` and `bias` [B, S]; bias None: none)."""
+        joined = torch.cat([self.mask, mask.to(self.mask.dtype)], dim=1)
+        if self.bias is None and bias is None:
+            return joined, None
+        more = torch.zeros(mask.shape, device=mask.device) if bias is None else bias
+        return joined, torch.cat([self._bias_or_zeros(), more], dim=1)
+
     def _bias_or_zeros(self) -> torch.Tensor:
         return self.bias if self.bias is not None else torch.zeros(self.mask.shape, device=self.mask.device)
 

@@ -237,6 +237,12 @@ class ServerProcess:
         self.process.wait(timeout=60)
 
 
+# Every benchmark client sends the same prompt: with multi-turn reuse on, each request after the first
+# would prefill one token. Load figures are for distinct prompts, so reuse is off (serve/multiturn.py
+# measures it).
+NO_REUSE = ("--prefix-cache-mb", "0", "--encoder-cache-mb", "0")
+
+
 def vlbridge_serve(checkpoint: str, *flags: str) -> Callable[[int], list[str]]:
     """The `vlbridge serve` command for `ServerProcess`."""
     command = [sys.executable, "-m", "vlbridge.cli", "serve", checkpoint]
@@ -268,7 +274,7 @@ def serve_levels(
 
 def own_levels(args, checkpoint: str, max_batch: int, levels: list[int], batch: str) -> dict:
     """vlbridge's engine at `max_batch` under fixed-length image chats, with its counters."""
-    flags = ("--max-batch-size", str(max_batch), "--model-name", "bench")
+    flags = ("--max-batch-size", str(max_batch), "--model-name", "bench", *NO_REUSE)
     server = ServerProcess(vlbridge_serve(checkpoint, *flags), args.threads)
     body = request_body(image_chat(), args.max_tokens)
     return serve_levels(server, levels, args.duration, body, batch, lambda url: {"engine": server.stats()})
@@ -288,9 +294,8 @@ def peer_comparison(args, checkpoint: str) -> dict:
     }
     report: dict = {"clients": args.peer_clients}
     for kind, (chat, peer_dir, batching) in workloads.items():
-        ours = vlbridge_serve(
-            checkpoint, "--max-batch-size", str(args.max_batch_size), "--model-name", "bench"
-        )
+        flags = ("--max-batch-size", str(args.max_batch_size), "--model-name", "bench", *NO_REUSE)
+        ours = vlbridge_serve(checkpoint, *flags)
         theirs = partial(transformers_serve, peer_dir, continuous_batching=batching)
         servers = {"vlbridge": (ours, "bench"), "transformers": (theirs, str(peer_dir))}
         checks = [chat(question) for question in CHECK_QUESTIONS]

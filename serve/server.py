@@ -60,6 +60,8 @@ def build_app(config: ServerConfig) -> FastAPI:
         batching=config.batching,
         batch_window_s=config.batch_window_ms / 1000,
         max_queue=config.max_queue,
+        encoder_cache_mb=config.encoder_cache_mb,
+        prefix_cache_mb=config.prefix_cache_mb,
     )
     builder = PromptBuilder(
         processor,

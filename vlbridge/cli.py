@@ -107,6 +107,8 @@ def _serve(args: argparse.Namespace) -> None:
             batching=args.batching,
             max_batch_size=args.max_batch_size,
             max_model_len=args.max_model_len,
+            encoder_cache_mb=args.encoder_cache_mb,
+            prefix_cache_mb=args.prefix_cache_mb,
             media=media,
         )
     except ValidationError as err:
@@ -236,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-size", type=int, default=32, help="rows decoded together (1: none)")
     serve.add_argument("--batching", default="auto", choices=["auto", "continuous", "static"])
     serve.add_argument("--max-model-len", type=int, help="context length (default: the LLM's position limit)")
+    serve.add_argument(
+        "--encoder-cache-mb", type=float, default=256, help="features of images seen before (0: off)"
+    )
+    serve.add_argument(
+        "--prefix-cache-mb", type=float, default=1024, help="KV of finished requests, for next turns (0: off)"
+    )
     serve.set_defaults(func=_serve)
 
     export = sub.add_parser(

@@ -21,7 +21,7 @@ from .checkpoint import save_model
 from .config import VLConfig
 from .errors import ConfigError
 from .families import choose_attention, choose_dtype
-from .frontends.base import Frontend
+from .frontends.base import Embedded, Frontend
 from .frontends.layout import image_layout
 from .llm_calls import KEY_BIAS, VISUAL_MASK, every_call
 from .lora import merge
@@ -204,13 +204,26 @@ class VLModel(nn.Module):
         return self
 
     def llm_inputs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, pixel_values=None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values=None,
+        image_features: torch.Tensor | None = None,
     ) -> LLMInputs:
-        """The one path from a tokenized prompt (and its images) to what the LLM is called with."""
+        """The one path from a tokenized prompt (and its images) to what the LLM is called with.
+
+        `image_features` [N_img, T_img, D]: the front-end's `encode` of the images, made beforehand (the
+        server's encoder cache reuses them), for front-ends whose `embed` is the default splice.
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         token_embeds = self.language_model.get_input_embeddings()(input_ids)
-        embedded = self.frontend.embed(input_ids, token_embeds, pixel_values)
+        if image_features is None:
+            embedded = self.frontend.embed(input_ids, token_embeds, pixel_values)
+        else:
+            embedded = Embedded(
+                self.frontend.scatter(input_ids, token_embeds, image_features), image_features
+            )
         visual = self.frontend.visual_mask(input_ids)
         routed = any(reducer.reads_visual_mask for reducer in self.reducers) and bool(visual.any())
         return LLMInputs(
@@ -222,6 +235,12 @@ class VLModel(nn.Module):
             visual_mask=visual if routed else None,
             key_bias=self._key_bias(input_ids, visual),
         )
+
+    def position_after(self, tokens: int, images: int) -> int:
+        """The RoPE position of the token after a prompt's first `tokens` tokens, which hold `images` whole
+        images: each image keeps the reducers' `image_span` positions (`_image_positions`)."""
+        span = self._from_reducers("image_span")
+        return tokens if span is None else tokens + images * (span - self.frontend.layout.num_image_tokens())
 
     def _from_reducers(self, method: str) -> Any:
         """The first contribution of the reducers' `method` (None: none contributes)."""
