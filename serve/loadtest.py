@@ -372,6 +372,7 @@ def peer_markdown(peer: dict) -> list[str]:
             cells += [f"**{ratio}x**", *(f"{r['ttft_ms_p50']} / {r['ttft_ms_p99']}" for r in (ours, theirs))]
             cells.append(f"{ours['errors']} / {theirs['errors']}")
             rows.append("| " + " | ".join(map(str, cells)) + " |")
+    rows.append("")
     for kind in ("image", "text"):
         same = "identical" if peer[kind]["identical_answers"] else "DIFFERENT"
         rows.append(f"{kind} chats: greedy answers {same} on both servers ({len(CHECK_QUESTIONS)} requests)")
