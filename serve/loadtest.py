@@ -81,7 +81,9 @@ class Level:
 
     def summary(self) -> dict:
         def pct(values: list[float], q: float) -> float | None:
-            return round(1000 * statistics.quantiles(values, n=100)[q - 1], 2) if len(values) > 1 else None
+            if len(values) < 2:  # quantiles need two; one request's figure is its own every percentile
+                return round(1000 * values[0], 2) if values else None
+            return round(1000 * statistics.quantiles(values, n=100)[q - 1], 2)
 
         return {
             "clients": self.clients,
