@@ -33,7 +33,8 @@ from vlbridge.llm_calls import key_bias_kwargs, with_cache
 from vlbridge.processing import Encoded, pad_batch
 from vlbridge.tokenization import generation_kwargs
 
-from . import encoder_cache, prefix_cache
+from . import compiled_decode, encoder_cache, prefix_cache
+from .compiled_decode import BatchOneDecode
 from .encoder_cache import EncoderCache
 from .errors import APIError
 from .kvcache import KVBatch
@@ -161,6 +162,7 @@ class Engine:
         max_queue: int = 1024,
         encoder_cache_mb: float = 256,
         prefix_cache_mb: float = 1024,
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.lm = model.language_model
@@ -186,6 +188,12 @@ class Engine:
             None if self._off["encoder_cache"] else EncoderCache(model, _mib(encoder_cache_mb))
         )
         self.prefix_cache = None if self._off["prefix_cache"] else PrefixCache(_mib(prefix_cache_mb))
+        refused = compiled_decode.refusal(model) if compile else None
+        if refused:
+            log.warning("--compile: off for this model, because %s", refused)
+        # Batch-1 decode steps compiled (--compile), on the engine's thread when it starts.
+        self.batch_one = BatchOneDecode(self.lm) if compile and not refused else None
+        self._tuned = threading.Event()
         self._waiting: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
         self._rows: list[Row] = []
@@ -196,9 +204,12 @@ class Engine:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> Engine:
+        """Start the worker thread; with --compile, return once it has compiled the batch-1 step."""
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="vlbridge-engine", daemon=True)
         self._thread.start()
+        if self.batch_one is not None:
+            self._tuned.wait()
         return self
 
     def stop(self) -> None:
@@ -250,6 +261,8 @@ class Engine:
     # -- worker ------------------------------------------------------------------------------------
     def _run(self) -> None:
         with torch.inference_mode():
+            if self.batch_one is not None and not self._tuned.is_set():
+                self._warm_up()
             while True:
                 new = self._admit()
                 if self._stopping:
@@ -384,22 +397,53 @@ class Engine:
 
     def _step(self) -> None:
         """One decode step for every running row."""
-        mask, positions = self._kv.step_inputs()
-        out = self.lm(
-            **with_cache(self.lm, self._kv.cache, input_ids=self._last[:, None], attention_mask=mask),
-            position_ids=positions,
-            **key_bias_kwargs(self._kv.bias),
-            **self._kv.call_kwargs,
-            use_cache=True,
-        )
+        logits = self._decode(self._kv, self._last)
         live = sum(not r.done for r in self._rows)
         self.stats.decode_steps += 1
         self.stats.decode_rows += live
         self.stats.max_batch = max(self.stats.max_batch, live)
         self.stats.batch_sizes[live] += 1
-        self._last, finished = self._advance(self._rows, out.logits[:, -1])
+        self._last, finished = self._advance(self._rows, logits)
         self._keep_prefixes(self._rows, self._kv, finished)
         self._drop_finished()
+
+    def _decode(self, kv: KVBatch, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed each row its next token [B] on `kv` (which grows by it); the next logits [B, V]."""
+        mask, positions = kv.step_inputs()
+        forward = self.batch_one if self.batch_one is not None and len(tokens) == 1 else self.lm
+        out = forward(
+            **with_cache(self.lm, kv.cache, input_ids=tokens[:, None], attention_mask=mask),
+            position_ids=positions,
+            **key_bias_kwargs(kv.bias),
+            **kv.call_kwargs,
+            use_cache=True,
+        )
+        return out.logits[:, -1]
+
+    def _warm_up(self) -> None:
+        """Compile the batch-1 decode step on a throwaway prompt, here on the engine's thread where it will
+        run, and tune its thread count (compiled_decode.BatchOneDecode.tune); without a working compiler
+        the step stays eager."""
+        started = time.perf_counter()
+        ids = [self.pad_id] * 4
+        logits, kv = self._forward_prompts([(Encoded(ids, ids), [])])
+
+        def steps(n: int) -> float:
+            nonlocal logits
+            begin = time.perf_counter()
+            for _ in range(n):
+                logits = self._decode(kv, logits.argmax(-1))
+            return time.perf_counter() - begin
+
+        try:
+            steps(3)  # compiles for one cache length, then for any
+            self.batch_one.tune(steps)
+            log.info("--compile: batch-1 decode compiled in %.1f s", time.perf_counter() - started)
+        except Exception:
+            log.exception("--compile: the batch-1 decode step could not be compiled; it stays eager")
+            self.batch_one = None
+        finally:
+            self._tuned.set()
 
     def _advance(self, rows: list[Row], logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """Sample each live row's next token from logits [B, V]; returns the tokens to feed next [B] and

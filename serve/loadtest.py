@@ -277,6 +277,7 @@ def serve_levels(
 def own_levels(args, checkpoint: str, max_batch: int, levels: list[int], batch: str) -> dict:
     """vlbridge's engine at `max_batch` under fixed-length image chats, with its counters."""
     flags = ("--max-batch-size", str(max_batch), "--model-name", "bench", *NO_REUSE)
+    flags += ("--compile",) if args.compile else ()
     server = ServerProcess(vlbridge_serve(checkpoint, *flags), args.threads)
     body = request_body(image_chat(), args.max_tokens)
     return serve_levels(server, levels, args.duration, body, batch, lambda url: {"engine": server.stats()})
@@ -297,8 +298,8 @@ def peer_comparison(args, checkpoint: str) -> dict:
     report: dict = {"clients": args.peer_clients}
     for kind, (chat, peer_dir, batching) in workloads.items():
         flags = ("--max-batch-size", str(args.max_batch_size), "--model-name", "bench", *NO_REUSE)
-        ours = vlbridge_serve(checkpoint, *flags)
-        theirs = partial(transformers_serve, peer_dir, continuous_batching=batching)
+        ours = vlbridge_serve(checkpoint, *flags, *(("--compile",) if args.compile else ()))
+        theirs = partial(transformers_serve, peer_dir, continuous_batching=batching, compile=args.compile)
         servers = {"vlbridge": (ours, "bench"), "transformers": (theirs, str(peer_dir))}
         checks = [chat(question) for question in CHECK_QUESTIONS]
         runs = {}
@@ -413,10 +414,15 @@ def markdown(report: dict) -> str:
         r = report["roofline"]
         per_token = r["weight_bytes_per_token"] + r["kv_bytes_per_token"]
         rows.append(
-            f"batch-1 decode: {r['decode_tokens_per_s']:.1f} tok/s; "
-            f"limit {r['bandwidth_limit_tokens_per_s']:.0f} tok/s ({per_token:,} B/token at "
-            f"{r['memory_bandwidth_gb_s']:.1f} GB/s) -> {100 * r['fraction_of_limit']:.1f} % of the limit"
+            f"batch-1 decode limit {r['bandwidth_limit_tokens_per_s']:.0f} tok/s ({per_token:,} B/token at "
+            f"{r['memory_bandwidth_gb_s']:.1f} GB/s read):"
         )
+        for mode in ("eager", "compiled"):
+            m = r[mode]
+            rows.append(
+                f"- {mode}: {m['decode_tokens_per_s']:.1f} tok/s, {m['decode_step_ms_p50']:.1f} ms/step "
+                f"-> **{100 * m['fraction_of_limit']:.1f} %** of the limit"
+            )
     return "\n".join(rows)
 
 
@@ -439,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of batched vs one at a time, vlbridge beside `transformers serve` on the same model",
     )
     parser.add_argument("--peer-clients", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--compile", action="store_true", help="servers compile decoding (both, with --peer)")
     args = parser.parse_args(argv)
 
     checkpoint = args.checkpoint

@@ -42,12 +42,15 @@ def llm_copy(checkpoint: str, out: Path) -> Path:
     return out
 
 
-def transformers_serve(model_dir: Path, port: int, *, continuous_batching: bool) -> list[str]:
+def transformers_serve(
+    model_dir: Path, port: int, *, continuous_batching: bool, compile: bool = False
+) -> list[str]:
     """`transformers serve` (the CLI beside this interpreter) on one preloaded model, on the CPU or GPU."""
     cli = Path(sys.executable).with_name("transformers")
     device = "cuda" if _cuda() else "cpu"
     batching = "--continuous-batching" if continuous_batching else "--no-continuous-batching"
-    return [str(cli), "serve", str(model_dir), "--port", str(port), "--device", device, batching]
+    compiling = "--compile" if compile else "--no-compile"
+    return [str(cli), "serve", str(model_dir), "--port", str(port), "--device", device, batching, compiling]
 
 
 def _cuda() -> bool:

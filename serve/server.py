@@ -62,6 +62,7 @@ def build_app(config: ServerConfig) -> FastAPI:
         max_queue=config.max_queue,
         encoder_cache_mb=config.encoder_cache_mb,
         prefix_cache_mb=config.prefix_cache_mb,
+        compile=config.compile,
     )
     builder = PromptBuilder(
         processor,

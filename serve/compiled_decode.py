@@ -1,0 +1,75 @@
+"""Batch-1 decode compiled (`vlbridge serve --compile`): one request's next-token step as fused kernels.
+
+Decoding one request reads every weight once per token, and an eager step adds hundreds of small
+operations, each a Python call. `torch.compile` fuses them; with each linear layer's one-row product
+written as multiply-and-sum (`BatchOneLinear`) instead of a BLAS call, the compiler turns it into one
+pass over the weight, so the step runs near the memory-bandwidth limit (serve/roofline.py measures both
+ways). Batched steps stay eager: there BLAS's matrix products dominate and compiling measured no gain.
+Prefill stays eager too (each prompt length would be a new graph).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def refusal(model) -> str | None:
+    """Why `model`'s decode step stays eager (None: it may be compiled)."""
+    if model.keeps_batch_state:
+        return (
+            "its decoder hooks (a deep-fusion front-end or an in-LLM reducer) keep per-batch state outside "
+            "the call, which a compiled graph would not see change"
+        )
+    return None
+
+
+class BatchOneLinear(torch.nn.Linear):
+    """`nn.Linear` whose one-row, gradient-free product, when compiled, is multiply-and-sum: the compiler
+    fuses that into a single read of the weight, where it would call BLAS's matrix-vector product (about
+    half as fast on a CPU). Eager calls are `nn.Linear`'s, bit for bit."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1 and not torch.is_grad_enabled():
+            y = (self.weight * x.unsqueeze(-2)).sum(-1)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+
+class BatchOneDecode:
+    """The language model's forward for one-row decode steps, compiled on first call, run with `threads`
+    torch threads (None: torch's count). Its plain linear layers become `BatchOneLinear` (only their class
+    changes: parameters, hooks and state-dict keys stay)."""
+
+    def __init__(self, language_model: torch.nn.Module) -> None:
+        for layer in language_model.modules():
+            if type(layer) is torch.nn.Linear:
+                layer.__class__ = BatchOneLinear
+        self.forward = torch.compile(language_model)
+        self.threads: int | None = None
+
+    def __call__(self, **kwargs: Any) -> Any:
+        if self.threads is None:
+            return self.forward(**kwargs)
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            return self.forward(**kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    def tune(self, steps: Callable[[int], float], rounds: int = 2, tokens: int = 4) -> None:
+        """Keep the faster of torch's thread count and one thread, timing `steps(tokens)` (seconds for that
+        many steps) alternately. A step streams the weights, which one core may do about as fast as all:
+        on a 2-core CPU, 12 ms with one thread and 16 ms with two, whose wake-ups cost more than they add.
+        Each count is a graph of its own, compiled here."""
+        best: dict[int | None, float] = {}
+        for _ in range(rounds):
+            for threads in (None, 1):
+                self.threads = threads
+                best[threads] = min(best.get(threads, math.inf), steps(tokens))
+        self.threads = min(best, key=best.__getitem__)

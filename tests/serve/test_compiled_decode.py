@@ -1,0 +1,61 @@
+"""Compiled batch-1 decode (`--compile`): the same greedy answers as eager generation, one-row linear
+products fused into reads of the weight, eager calls untouched, and models with decoder-hook state
+refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_engine import QUESTIONS, _reference, _run_staggered
+
+from vlbridge.serve.compiled_decode import BatchOneDecode, BatchOneLinear
+from vlbridge.serve.engine import Engine
+from vlbridge.testing import chat, tiny_model
+
+
+def test_compiled_decode_gives_the_eager_answers_alone_and_batched(red_image, blue_image):
+    # turbo's size bias adds a per-key bias to every decode call: the compiled step must carry it too.
+    frontend = {"type": "llava", "connector": {"merge": 1}}  # turbo merges tokens: no 2x2 connector merge
+    vl = tiny_model("llama", "clip_vision_model", frontend=frontend, reducers=[{"type": "turbo"}])
+    engine = Engine(vl[0], vl[1], context_length=256, max_batch_size=8, compile=True)
+    calls = []
+    compiled = engine.batch_one.forward
+    engine.batch_one.forward = lambda **kwargs: calls.append(kwargs["input_ids"].shape) or compiled(**kwargs)
+    cases = [
+        (chat(QUESTIONS[3]), [red_image], 24),  # alone for its first tokens: batch-1 steps, compiled
+        (chat(QUESTIONS[0]), [blue_image], 6),  # then joined by these: batched steps, eager
+        (chat("hi", image_in=None), [], 4),
+    ]
+    answers = _run_staggered(vl, cases, engine)
+    assert answers == [_reference(vl, m, i, n) for m, i, n in cases]
+    assert engine.batch_one.threads in (None, 1)  # tuned at start
+    assert calls and all(shape == (1, 1) for shape in calls)  # the compiled step ran, at batch 1 only
+    assert engine.stats.max_batch >= 2  # and the others shared eager steps
+
+
+def test_batch_one_linear_is_nn_linear_eagerly_and_a_weight_read_compiled():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 96)
+    layer.__class__ = BatchOneLinear
+    x, rows = torch.randn(1, 1, 64), torch.randn(3, 64)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))  # eager: bit for bit
+        compiled = torch.compile(layer)
+        torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias))
+        torch.testing.assert_close(compiled(rows), F.linear(rows, layer.weight, layer.bias))
+    assert sorted(layer.state_dict()) == ["bias", "weight"]
+
+
+@pytest.mark.parametrize(("faster", "expected"), [(1, 1), (None, None)])
+def test_tuning_keeps_the_faster_thread_count(faster, expected):
+    decode = BatchOneDecode(torch.nn.Linear(4, 4))
+    decode.tune(lambda tokens: tokens * (0.01 if decode.threads == faster else 0.02))
+    assert decode.threads == expected
+
+
+def test_models_whose_hooks_keep_batch_state_stay_eager(caplog):
+    vl = tiny_model("llama", "clip_vision_model", frontend={"type": "adem_vl"})
+    engine = Engine(vl[0], vl[1], context_length=256, compile=True)
+    assert engine.batch_one is None
+    assert "--compile: off for this model" in caplog.text and "per-batch state" in caplog.text
