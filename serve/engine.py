@@ -409,8 +409,10 @@ class Engine:
 
     def _decode(self, kv: KVBatch, tokens: torch.Tensor) -> torch.Tensor:
         """Feed each row its next token [B] on `kv` (which grows by it); the next logits [B, V]."""
+        forward = self.lm
+        if self.batch_one is not None and len(tokens) == 1:
+            forward, kv = self.batch_one, kv.contiguous()
         mask, positions = kv.step_inputs()
-        forward = self.batch_one if self.batch_one is not None and len(tokens) == 1 else self.lm
         out = forward(
             **with_cache(self.lm, kv.cache, input_ids=tokens[:, None], attention_mask=mask),
             position_ids=positions,

@@ -52,6 +52,13 @@ class KVBatch:
         self.shift = torch.cat([self.shift, other.shift])
         return self
 
+    def contiguous(self) -> KVBatch:
+        """Every layer's keys and values in a block of their own (a batch cut from a larger one holds
+        slices): the layout a compiled step was built for."""
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys.contiguous(), layer.values.contiguous()
+        return self
+
     def _refuse_row_changes(self) -> None:
         if self.call_kwargs:
             raise RuntimeError(

@@ -292,11 +292,13 @@ def peer_comparison(args, checkpoint: str) -> dict:
     continuously). Answers must agree for the figures to compare the same work."""
     work = Path(tempfile.mkdtemp(prefix="vlbridge-peer-"))
     workloads = {
-        "image": (image_chat, llava_hf_copy(checkpoint, work / "llava-hf"), False),
-        "text": (text_chat, llm_copy(checkpoint, work / "llm"), True),
+        "image": (image_chat, partial(llava_hf_copy, checkpoint, work / "llava-hf"), False),
+        "text": (text_chat, partial(llm_copy, checkpoint, work / "llm"), True),
     }
     report: dict = {"clients": args.peer_clients}
-    for kind, (chat, peer_dir, batching) in workloads.items():
+    for kind in args.peer_chats:
+        chat, peer_copy, batching = workloads[kind]
+        peer_dir = peer_copy()
         flags = ("--max-batch-size", str(args.max_batch_size), "--model-name", "bench", *NO_REUSE)
         ours = vlbridge_serve(checkpoint, *flags, *(("--compile",) if args.compile else ()))
         theirs = partial(transformers_serve, peer_dir, continuous_batching=batching, compile=args.compile)
@@ -367,7 +369,8 @@ def peer_markdown(peer: dict) -> list[str]:
         "| TTFT p50/p99 ms vlbridge | TTFT p50/p99 ms transformers | errors |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for kind in ("image", "text"):
+    kinds = [kind for kind in ("image", "text") if kind in peer]
+    for kind in kinds:
         runs = peer[kind]
         levels = zip(runs["vlbridge"]["levels"], runs["transformers"]["levels"], runs["ratio"], strict=True)
         for ours, theirs, ratio in levels:
@@ -376,7 +379,7 @@ def peer_markdown(peer: dict) -> list[str]:
             cells.append(f"{ours['errors']} / {theirs['errors']}")
             rows.append("| " + " | ".join(map(str, cells)) + " |")
     rows.append("")
-    for kind in ("image", "text"):
+    for kind in kinds:
         same = "identical" if peer[kind]["identical_answers"] else "DIFFERENT"
         rows.append(f"{kind} chats: greedy answers {same} on both servers ({len(CHECK_QUESTIONS)} requests)")
     return rows
@@ -445,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of batched vs one at a time, vlbridge beside `transformers serve` on the same model",
     )
     parser.add_argument("--peer-clients", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--peer-chats", nargs="+", choices=["image", "text"], default=["image", "text"])
     parser.add_argument("--compile", action="store_true", help="servers compile decoding (both, with --peer)")
     args = parser.parse_args(argv)
 
