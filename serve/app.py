@@ -47,6 +47,7 @@ def create_app(engine: Engine, builder: PromptBuilder, config: ServerConfig, mod
         engine.stop()
 
     app = FastAPI(title="vlbridge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
     _install_error_handlers(app)
     auth = Depends(_authenticator(config.api_key))
     limits = Limits(max_image_bytes=config.media.max_bytes, max_text_bytes=builder.max_text_bytes)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -76,8 +78,31 @@ def build_app(config: ServerConfig) -> FastAPI:
 
 
 def run(config: ServerConfig) -> None:
+    """Serve until Ctrl-C or SIGTERM: HTTP on a thread of its own, the engine on the main thread
+    (Engine.run_beside says why)."""
     import uvicorn
 
     app = build_app(config)
+    engine: Engine = app.state.engine
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=5)
+    )
+
+    def serve_http() -> None:
+        try:
+            server.run()  # its lifespan starts and stops the engine
+        finally:
+            engine.stop()  # also when it could not start (a port in use)
+
     print(f"vlbridge serve: http://{config.host}:{config.port}/ (OpenAI API under /v1)", flush=True)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=5)
+    # uvicorn's graceful shutdown, which it only sets up itself on the main thread
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        http = threading.Thread(target=serve_http, name="vlbridge-http")
+        engine.run_beside(http)
+        http.join(timeout=30)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started:
+        raise ConfigError(f"could not listen on {config.host}:{config.port} (the log above says why)")
