@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import threading
 import time
 
 import torch
@@ -61,21 +62,27 @@ def kv_bytes_per_token(language_model: torch.nn.Module, context: int) -> int:
 
 
 def engine_decode_seconds(engine: Engine, prompt: Prompt, tokens: int) -> list[float]:
-    """Seconds between consecutive tokens of one request alone in the engine (prefill excluded)."""
+    """Seconds between consecutive tokens of one request alone in the engine (prefill excluded), with the
+    engine on this thread and the request beside it, as `vlbridge serve` runs them."""
 
-    async def run() -> list[float]:
-        engine.start()
+    async def request() -> list[float]:
+        stamps = []
+        params = SamplingParams(tokens, temperature=0.0, ignore_eos=True)
+        async for event in Generation(engine.start(), prompt, params, 1).events():
+            stamps.append(time.perf_counter())
+            assert event.tokens == 1
+        return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+
+    gaps: list[float] = []
+
+    def client() -> None:
         try:
-            stamps = []
-            params = SamplingParams(tokens, temperature=0.0, ignore_eos=True)
-            async for event in Generation(engine, prompt, params, 1).events():
-                stamps.append(time.perf_counter())
-                assert event.tokens == 1
-            return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+            gaps.extend(asyncio.run(request()))
         finally:
             engine.stop()
 
-    return asyncio.run(run())
+    engine.run_beside(threading.Thread(target=client))
+    return gaps
 
 
 def decode_roofline(
