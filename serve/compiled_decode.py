@@ -67,9 +67,9 @@ class BatchOneDecode:
 
     def tune(self, steps: Callable[[int], float], rounds: int = 2, tokens: int = 4) -> None:
         """Keep the faster of torch's thread count and one thread, timing `steps(tokens)` (seconds for that
-        many steps) alternately. A step streams the weights, which one core may do about as fast as all:
-        on a 2-core CPU, 12 ms with one thread and 16 ms with two, whose wake-ups cost more than they add.
-        Each count is a graph of its own, compiled here."""
+        many steps) alternately. A step streams the weights, which one core may do about as fast as all,
+        and OpenMP's wake-ups cost more off the main thread (2-core CPU, a worker thread: 12 ms with one
+        thread, 16 ms with two). Each count is a graph of its own, compiled here."""
         best: dict[int | None, float] = {}
         for _ in range(rounds):
             for threads in (None, 1):
