@@ -152,28 +152,14 @@ def json_load_rss(path: str) -> dict:
 def train_tree(path: str, image_folder: str, run_dir: str, steps: int, batch_size: int, workers: int) -> dict:
     """A one-stage recipe over the LLaVA file: tiny random llama + convnext, BPE trained on the file's text,
     micro-batches built lazily by `workers` DataLoader workers, no evaluation."""
-    import copy
-
-    from vlbridge.testing import TINY_LLM_CONFIGS, TINY_TOWER_CONFIGS
+    from vlbridge.testing import tiny_recipe_model
 
     return {
         "name": "data-bench",
         "output_dir": run_dir,
         "seed": 0,
-        "model": {
-            "llm": {"model_type": "llama", "config": copy.deepcopy(TINY_LLM_CONFIGS["llama"])},
-            "frontend": {
-                "type": "llava",
-                "vision": {
-                    "model_type": "convnext",
-                    "config": copy.deepcopy(TINY_TOWER_CONFIGS["convnext"]),
-                    "feature_layer": -1,
-                },
-                "connector": {"type": "mlp2x_gelu"},
-                "image": {"size": 32},
-            },
-            "max_length": 512,  # the longest synthetic record (4 turns of up to 60 words) fits: no drops
-        },
+        # max_length 512: the longest synthetic record (4 turns of up to 60 words) fits, nothing is dropped
+        "model": tiny_recipe_model(512),
         "tokenizer": {"train_vocab_size": 400},
         "data": {"train": {"type": "llava_json", "path": path, "image_folder": image_folder}},
         "train": {

@@ -137,6 +137,24 @@ TINY_FRONTEND_CONFIGS: dict[str, Callable[[str], dict[str, Any]]] = {
 }
 
 
+def tiny_recipe_model(max_length: int) -> dict[str, Any]:
+    """A recipe's `model` section: the tiny llama over a tiny ConvNeXt, llava front-end, 32 px images."""
+    return {
+        "llm": {"model_type": "llama", "config": copy.deepcopy(TINY_LLM_CONFIGS["llama"])},
+        "frontend": {
+            "type": "llava",
+            "vision": {
+                "model_type": "convnext",
+                "config": copy.deepcopy(TINY_TOWER_CONFIGS["convnext"]),
+                "feature_layer": -1,
+            },
+            "connector": {"type": "mlp2x_gelu"},
+            "image": {"size": 32},
+        },
+        "max_length": max_length,
+    }
+
+
 def tiny_vl_config(family: str = "llama", tower: str = "clip_vision_model", **overrides: Any) -> VLConfig:
     """A fresh VLConfig for a tiny `family` LLM + front-end over `tower`; overrides merge recursively.
 

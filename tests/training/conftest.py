@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 
-from vlbridge.testing import TINY_LLM_CONFIGS, TINY_TOWER_CONFIGS
+from vlbridge.testing import tiny_recipe_model
 
 
 def tiny_recipe_tree(run_dir, *, steps=(4, 6), save_every: int = 0, lora_dropout: float = 0.1) -> dict:
@@ -14,20 +12,7 @@ def tiny_recipe_tree(run_dir, *, steps=(4, 6), save_every: int = 0, lora_dropout
         "name": "tiny",
         "output_dir": str(run_dir),
         "seed": 3,
-        "model": {
-            "llm": {"model_type": "llama", "config": copy.deepcopy(TINY_LLM_CONFIGS["llama"])},
-            "frontend": {
-                "type": "llava",
-                "vision": {
-                    "model_type": "convnext",
-                    "config": copy.deepcopy(TINY_TOWER_CONFIGS["convnext"]),
-                    "feature_layer": -1,
-                },
-                "connector": {"type": "mlp2x_gelu"},
-                "image": {"size": 32},
-            },
-            "max_length": 128,
-        },
+        "model": tiny_recipe_model(128),
         "tokenizer": {"train_vocab_size": 300},
         "data": {
             "train": {"type": "shapes", "n": 48, "questions_per_image": 2},
