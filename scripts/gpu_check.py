@@ -140,7 +140,7 @@ def decode_roofline(checkpoint: Path, device: str) -> dict:
 
 
 def serve_64(checkpoint: Path, seconds: float) -> dict:
-    from vlbridge.serve.loadtest import (
+    from vlbridge.serve.loadgen import (
         NO_REUSE,
         ServerProcess,
         image_chat,

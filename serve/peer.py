@@ -5,6 +5,9 @@ A vlbridge checkpoint goes to the peer in the layouts it loads: transformers' LL
 tokenizer and chat template) for text chats, where `transformers serve` batches continuously (it serves
 vision-language models one request at a time). Before any load, both servers answer the same greedy
 requests and the answers are compared, so the figures are for the same work.
+
+`peer_comparison` runs both at the same loads (`python -m vlbridge.serve.loadtest --peer transformers`);
+`peer_markdown` is its table.
 """
 
 from __future__ import annotations
@@ -12,9 +15,70 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tempfile
+from functools import partial
 from pathlib import Path
 
 import httpx
+
+from .loadgen import (
+    NO_REUSE,
+    ServerProcess,
+    image_chat,
+    request_body,
+    serve_levels,
+    text_chat,
+    vlbridge_serve,
+)
+
+CHECK_QUESTIONS = ("What color is the circle?", "Is there a square?", "How many shapes are there?")
+
+
+def peer_comparison(
+    checkpoint: str,
+    chats: list[str],
+    clients: list[int],
+    *,
+    duration: float,
+    max_tokens: int,
+    max_batch_size: int,
+    threads: int | None = None,
+    compile: bool = False,
+) -> dict:
+    """vlbridge and `transformers serve` one after the other on the same model, load and greedy requests:
+    image chats against the llava-hf export, text chats against the LLM alone (where the peer batches
+    continuously). Answers must agree for the figures to compare the same work."""
+    work = Path(tempfile.mkdtemp(prefix="vlbridge-peer-"))
+    workloads = {
+        "image": (image_chat, partial(llava_hf_copy, checkpoint, work / "llava-hf"), False),
+        "text": (text_chat, partial(llm_copy, checkpoint, work / "llm"), True),
+    }
+    report: dict = {"clients": clients}
+    for kind in chats:
+        chat, peer_copy, batching = workloads[kind]
+        peer_dir = peer_copy()
+        flags = ("--max-batch-size", str(max_batch_size), "--model-name", "bench", *NO_REUSE)
+        ours = vlbridge_serve(checkpoint, *flags, *(("--compile",) if compile else ()))
+        theirs = partial(transformers_serve, peer_dir, continuous_batching=batching, compile=compile)
+        servers = {"vlbridge": (ours, "bench"), "transformers": (theirs, str(peer_dir))}
+        checks = [chat(question) for question in CHECK_QUESTIONS]
+        runs = {}
+        for name, (command, model) in servers.items():
+            body = request_body(chat(), max_tokens, model=model, fixed=False)
+            answers = partial(greedy_answers, model=model, requests=checks, max_tokens=max_tokens)
+            server = ServerProcess(command, threads)
+            runs[name] = serve_levels(server, clients, duration, body, name, answers)
+        ours, theirs = runs["vlbridge"], runs["transformers"]
+        runs["identical_answers"] = ours["answers"] == theirs["answers"]
+        runs["ratio"] = [
+            round(a["output_tokens_per_s"] / b["output_tokens_per_s"], 2)
+            if b["output_tokens_per_s"]
+            else None
+            for a, b in zip(ours["levels"], theirs["levels"], strict=True)
+        ]
+        report[kind] = runs
+    return report
+
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -69,3 +133,25 @@ def greedy_answers(url: str, model: str, requests: list[list[dict]], max_tokens:
             response.raise_for_status()
             answers.append(response.json()["choices"][0]["message"]["content"])
     return {"answers": answers}
+
+
+def peer_markdown(peer: dict) -> list[str]:
+    rows = [
+        "| chats | clients | vlbridge out tok/s | transformers out tok/s | ratio "
+        "| TTFT p50/p99 ms vlbridge | TTFT p50/p99 ms transformers | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    kinds = [kind for kind in ("image", "text") if kind in peer]
+    for kind in kinds:
+        runs = peer[kind]
+        levels = zip(runs["vlbridge"]["levels"], runs["transformers"]["levels"], runs["ratio"], strict=True)
+        for ours, theirs, ratio in levels:
+            cells = [kind, ours["clients"], ours["output_tokens_per_s"], theirs["output_tokens_per_s"]]
+            cells += [f"**{ratio}x**", *(f"{r['ttft_ms_p50']} / {r['ttft_ms_p99']}" for r in (ours, theirs))]
+            cells.append(f"{ours['errors']} / {theirs['errors']}")
+            rows.append("| " + " | ".join(map(str, cells)) + " |")
+    rows.append("")
+    for kind in kinds:
+        same = "identical" if peer[kind]["identical_answers"] else "DIFFERENT"
+        rows.append(f"{kind} chats: greedy answers {same} on both servers ({len(CHECK_QUESTIONS)} requests)")
+    return rows

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import httpx
 
-from .loadtest import ServerProcess, random_checkpoint, vlbridge_serve
+from .loadgen import ServerProcess, vlbridge_serve
+from .loadtest import random_checkpoint
 
 SMALL = {"messages": [{"role": "user", "content": "What color is the circle?"}], "max_tokens": 4}
 MIB = 2**20

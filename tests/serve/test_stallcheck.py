@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from vlbridge.serve.loadtest import ServerProcess, vlbridge_serve
+from vlbridge.serve.loadgen import ServerProcess, vlbridge_serve
 from vlbridge.serve.stallcheck import ABUSES, check
 
 pytestmark = pytest.mark.slow
