@@ -31,6 +31,7 @@ from transformers import DynamicCache
 from vlbridge.errors import VLBridgeError
 from vlbridge.llm_calls import key_bias_kwargs, with_cache
 from vlbridge.processing import Encoded, pad_batch
+from vlbridge.reducers.size_bias import weighs_keys
 from vlbridge.tokenization import generation_kwargs
 
 from . import compiled_decode, encoder_cache, prefix_cache
@@ -438,16 +439,20 @@ class Engine:
     def _warm_up(self) -> None:
         """Compile the batch-1 decode step on a throwaway prompt, here on the engine's thread where it will
         run, and tune its thread count (compiled_decode.BatchOneDecode.tune); without a working compiler
-        the step stays eager."""
+        the step stays eager. A size-bias model's image requests carry a key bias, a graph of their own:
+        a second throwaway row with a bias compiles it too."""
         started = time.perf_counter()
         ids = [self.pad_id] * 4
-        logits, kv = self._forward_prompts([(Encoded(ids, ids), [])])
+        rows = [self._forward_prompts([(Encoded(ids, ids), [])]) for _ in range(1 + weighs_keys(self.lm))]
+        for _, kv in rows[1:]:
+            kv.bias = torch.zeros(kv.mask.shape, device=self.device)
 
         def steps(n: int) -> float:
-            nonlocal logits
             begin = time.perf_counter()
-            for _ in range(n):
-                logits = self._decode(kv, logits.argmax(-1))
+            for i, (logits, kv) in enumerate(rows):
+                for _ in range(n):
+                    logits = self._decode(kv, logits.argmax(-1))
+                rows[i] = logits, kv
             return time.perf_counter() - begin
 
         try:

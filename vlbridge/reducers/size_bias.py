@@ -81,3 +81,8 @@ def install(model: VLModel, reducer: str) -> None:
     if problem is not None:
         raise ConfigError(f"{reducer}.llm_proportional=true cannot be used: {problem}; or set it to false")
     llm.set_attn_implementation(ATTENTION)
+
+
+def weighs_keys(language_model) -> bool:
+    """Whether calls of this LLM may carry a key bias (`install` switched its attention)."""
+    return llm_calls.attention_implementation(language_model.config.get_text_config()) == ATTENTION
