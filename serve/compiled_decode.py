@@ -10,12 +10,16 @@ Prefill stays eager too (each prompt length would be a new graph).
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger("vlbridge.serve")
 
 
 def refusal(model) -> str | None:
@@ -77,3 +81,28 @@ class BatchOneDecode:
                 best[threads] = min(best.get(threads, math.inf), steps(tokens))
         self.threads = min(best, key=best.__getitem__)
         self.stance = "eager_on_recompile"
+
+    def warm_up(
+        self, rows: list[tuple[torch.Tensor, Any]], decode: Callable[[Any, torch.Tensor], torch.Tensor]
+    ) -> bool:
+        """Compile on throwaway one-row batches ((last logits, KV) each; `decode(kv, tokens)` runs a step
+        and returns the next logits), on the thread that will decode, then `tune`. False (logged) when it
+        cannot compile (no working C++ compiler, say): the step then stays eager."""
+        started = time.perf_counter()
+
+        def steps(n: int) -> float:
+            begin = time.perf_counter()
+            for i, (logits, kv) in enumerate(rows):
+                for _ in range(n):
+                    logits = decode(kv, logits.argmax(-1))
+                rows[i] = logits, kv
+            return time.perf_counter() - begin
+
+        try:
+            steps(3)  # compiles for one cache length, then for any
+            self.tune(steps)
+        except Exception:
+            log.exception("--compile: the batch-1 decode step could not be compiled; it stays eager")
+            return False
+        log.info("--compile: batch-1 decode compiled in %.1f s", time.perf_counter() - started)
+        return True

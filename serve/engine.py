@@ -437,31 +437,16 @@ class Engine:
         return out.logits[:, -1]
 
     def _warm_up(self) -> None:
-        """Compile the batch-1 decode step on a throwaway prompt, here on the engine's thread where it will
-        run, and tune its thread count (compiled_decode.BatchOneDecode.tune); without a working compiler
-        the step stays eager. A size-bias model's image requests carry a key bias, a graph of their own:
-        a second throwaway row with a bias compiles it too."""
-        started = time.perf_counter()
-        ids = [self.pad_id] * 4
-        rows = [self._forward_prompts([(Encoded(ids, ids), [])]) for _ in range(1 + weighs_keys(self.lm))]
-        for _, kv in rows[1:]:
-            kv.bias = torch.zeros(kv.mask.shape, device=self.device)
-
-        def steps(n: int) -> float:
-            begin = time.perf_counter()
-            for i, (logits, kv) in enumerate(rows):
-                for _ in range(n):
-                    logits = self._decode(kv, logits.argmax(-1))
-                rows[i] = logits, kv
-            return time.perf_counter() - begin
-
+        """Compile the batch-1 decode step here, on the engine's thread where it will run, on throwaway
+        rows (BatchOneDecode.warm_up). A size-bias model's image requests carry a key bias, a graph of
+        their own: a second row with a bias compiles it too."""
         try:
-            steps(3)  # compiles for one cache length, then for any
-            self.batch_one.tune(steps)
-            log.info("--compile: batch-1 decode compiled in %.1f s", time.perf_counter() - started)
-        except Exception:
-            log.exception("--compile: the batch-1 decode step could not be compiled; it stays eager")
-            self.batch_one = None
+            ids = [self.pad_id] * 4
+            rows = [self._forward_prompts([(Encoded(ids, ids), [])]) for _ in range(1 + weighs_keys(self.lm))]
+            for _, kv in rows[1:]:
+                kv.bias = torch.zeros(kv.mask.shape, device=self.device)
+            if not self.batch_one.warm_up(rows, self._decode):
+                self.batch_one = None
         finally:
             self._tuned.set()
 

@@ -72,3 +72,13 @@ def test_models_whose_hooks_keep_batch_state_stay_eager(caplog):
     engine = Engine(vl[0], vl[1], context_length=256, compile=True)
     assert engine.batch_one is None
     assert "--compile: off for this model" in caplog.text and "per-batch state" in caplog.text
+
+
+def test_a_step_that_cannot_compile_stays_eager(caplog):
+    decode = BatchOneDecode(torch.nn.Linear(4, 4))
+
+    def no_compiler(kv, tokens):
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+    assert decode.warm_up([(torch.zeros(1, 4), None)], no_compiler) is False
+    assert "could not be compiled; it stays eager" in caplog.text
