@@ -141,7 +141,7 @@ def markdown(report: dict) -> str:
             m = r[mode]
             rows.append(
                 f"- {mode}: {m['decode_tokens_per_s']:.1f} tok/s, {m['decode_step_ms_p50']:.1f} ms/step "
-                f"-> **{100 * m['fraction_of_limit']:.1f} %** of the limit"
+                f"-> **{100 * m['fraction_of_limit']:.1f} %** of the limit ({m['threads']} threads)"
             )
     return "\n".join(rows)
 

@@ -96,13 +96,15 @@ def decode_roofline(
     )
     prompt = Prompt(encoded, 0, 0)
     bandwidth = memory_bandwidth(bandwidth_mib, device=model.device)
-    steps = {}
+    steps, threads = {}, {}
     for mode, compile in (("eager", False), ("compiled", True)):
         engine = Engine(
             model, tokenizer, context_length=prompt.tokens + tokens + 1, max_batch_size=1, compile=compile
         )
         engine_decode_seconds(engine, prompt, 8)  # warm-up (and, compiled, the compiling)
         steps[mode] = statistics.median(engine_decode_seconds(engine, prompt, tokens))
+        # the compiled step's tuned thread count (BatchOneDecode.tune; eager: torch's)
+        threads[mode] = (engine.batch_one and engine.batch_one.threads) or torch.get_num_threads()
     bandwidth = max(bandwidth, memory_bandwidth(bandwidth_mib, device=model.device))
     lm = model.language_model
     weights = weight_bytes_per_token(lm)
@@ -120,5 +122,6 @@ def decode_roofline(
             "decode_tokens_per_s": 1 / step,
             "decode_step_ms_p50": 1000 * step,
             "fraction_of_limit": (1 / step) / limit,
+            "threads": threads[mode],
         }
     return report

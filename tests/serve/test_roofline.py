@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from vlbridge.factory import load_pretrained
 from vlbridge.serve.roofline import decode_roofline, kv_bytes_per_token, weight_bytes_per_token
@@ -27,3 +28,4 @@ def test_decode_roofline_counts_bytes_and_measures_a_fraction(checkpoint):
     for mode in ("eager", "compiled"):
         rate = result[mode]["decode_tokens_per_s"]
         assert rate > 0 and result[mode]["fraction_of_limit"] == pytest.approx(rate / limit, rel=1e-6)
+        assert result[mode]["threads"] in (1, torch.get_num_threads())
