@@ -73,7 +73,7 @@ class BatchOneDecode:
         """Keep the faster of torch's thread count and one thread, timing `steps(tokens)` (seconds for that
         many steps) alternately. A step streams the weights, which one core may do about as fast as all,
         and OpenMP's wake-ups cost more off the main thread (2-core CPU, a worker thread: 12 ms with one
-        thread, 16 ms with two). Each count is a graph of its own, compiled here."""
+        thread, 16 ms with two; the main thread: two win). Each count is a graph of its own, compiled here."""
         best: dict[int | None, float] = {}
         for _ in range(rounds):
             for threads in (None, 1):
