@@ -77,6 +77,7 @@ def create_app(engine: Engine, builder: PromptBuilder, config: ServerConfig, mod
             **engine.load(),
             **engine.stats.as_dict(),
             "reuse": engine.reuse(),
+            "prepacked_mb": round(engine.prepacked_mb, 1),
         }
 
     @app.post("/v1/chat/completions", dependencies=[auth])

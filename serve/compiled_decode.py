@@ -2,10 +2,11 @@
 
 Decoding one request reads every weight once per token, and an eager step adds hundreds of small
 operations, each a Python call. `torch.compile` fuses them; with each linear layer's one-row product
-written as multiply-and-sum (`BatchOneLinear`) instead of a BLAS call, the compiler turns it into one
-pass over the weight, so the step runs near the memory-bandwidth limit (serve/roofline.py measures both
-ways). Batched steps stay eager: there BLAS's matrix products dominate and compiling measured no gain.
-Prefill stays eager too (each prompt length would be a new graph).
+written as multiply-and-sum (serve/linear.py's `ServingLinear`) instead of a BLAS call, the compiler
+turns it into one pass over the weight, so the step runs near the memory-bandwidth limit
+(serve/roofline.py measures both ways). Batched steps stay eager: there the matrix products dominate
+(on prepacked weights, serve/linear.py) and compiling measured no gain. Prefill stays eager too (each
+prompt length would be a new graph).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 log = logging.getLogger("vlbridge.serve")
 
@@ -32,30 +32,13 @@ def refusal(model) -> str | None:
     return None
 
 
-class BatchOneLinear(torch.nn.Linear):
-    """`nn.Linear` whose one-row, gradient-free product on the CPU, when compiled, is multiply-and-sum: the
-    compiler fuses that into a single read of the weight, where it would call BLAS's matrix-vector product
-    (about half as fast there). Eager calls, and GPUs' (whose BLAS already reads at full bandwidth), are
-    `nn.Linear`'s, bit for bit."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        one_row = x.shape[:-1].numel() == 1 and x.device.type == "cpu" and not torch.is_grad_enabled()
-        if one_row and torch.compiler.is_compiling():
-            y = (self.weight * x.unsqueeze(-2)).sum(-1)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
-
-
 class BatchOneDecode:
     """The language model's forward for one-row decode steps, compiled on first call, run with `threads`
-    torch threads (None: torch's count). Its plain linear layers become `BatchOneLinear` (only their class
-    changes: parameters, hooks and state-dict keys stay). Once tuned, an input its graphs do not cover runs
-    eager instead of compiling again, which would stall every request for as long."""
+    torch threads (None: torch's count); its linear layers should be `ServingLinear`s (`serving_linears`),
+    whose one-row products then fuse. Once tuned, an input its graphs do not cover runs eager instead of
+    compiling again, which would stall every request for as long."""
 
     def __init__(self, language_model: torch.nn.Module) -> None:
-        for layer in language_model.modules():
-            if type(layer) is torch.nn.Linear:
-                layer.__class__ = BatchOneLinear
         self.forward = torch.compile(language_model)
         self.threads: int | None = None
         self.stance = "default"  # compile what is new

@@ -65,6 +65,7 @@ def build_app(config: ServerConfig) -> FastAPI:
         encoder_cache_mb=config.encoder_cache_mb,
         prefix_cache_mb=config.prefix_cache_mb,
         compile=config.compile,
+        prepack=config.prepack,
     )
     builder = PromptBuilder(
         processor,

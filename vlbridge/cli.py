@@ -110,6 +110,7 @@ def _serve(args: argparse.Namespace) -> None:
             encoder_cache_mb=args.encoder_cache_mb,
             prefix_cache_mb=args.prefix_cache_mb,
             compile=args.compile,
+            prepack=not args.no_prepack,
             media=media,
         )
     except ValidationError as err:
@@ -249,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         action="store_true",
         help="compile batch-1 decode (torch.compile; ~2x on a CPU, slower start)",
+    )
+    serve.add_argument(
+        "--no-prepack",
+        action="store_true",
+        help="CPU: BLAS on the dense weights, no packed copy (saves the LLM's linear weights' memory once; "
+        "batched steps run slower)",
     )
     serve.set_defaults(func=_serve)
 
