@@ -16,11 +16,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from run_kit import RANK_ENV, kill_a_rank_after, run_metrics, run_weights, torchrun
 
 from vlbridge.errors import ConfigError
 from vlbridge.factory import load_pretrained
 from vlbridge.recipe import parse_recipe
-from vlbridge.testing import RANK_ENV, kill_a_rank_after, run_metrics, run_weights, torchrun
 from vlbridge.training.run import run_training
 
 TORCHRUN = torchrun()

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from run_kit import RANK_ENV, kill_a_rank_after, run_metrics, run_weights, torchrun
 
 from vlbridge.data.formats import load_source
 from vlbridge.errors import ConfigError
 from vlbridge.factory import load_pretrained
 from vlbridge.recipe import parse_recipe
-from vlbridge.testing import RANK_ENV, kill_a_rank_after, run_metrics, run_weights, tiny_model, torchrun
+from vlbridge.testing import tiny_model
 from vlbridge.training.distributed import fix_structure, shard_units
 from vlbridge.training.run import build, run_training
 

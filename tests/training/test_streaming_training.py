@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from run_kit import RANK_ENV, kill_a_rank_after, run_metrics, run_weights, torchrun
 
 from vlbridge.errors import ConfigError
-from vlbridge.testing import RANK_ENV, kill_a_rank_after, run_metrics, run_weights, torchrun
 from vlbridge.training.checkpointing import STREAM_DIR, load_stream_state
 
 pytestmark = pytest.mark.slow
